@@ -1,0 +1,199 @@
+"""Attention in plain XLA: blocked sliding-window attention and query-chunked causal attention.
+
+These are the CPU path and the reference the Pallas kernels (``kernels/``) are checked against.
+
+Shapes use suffixes: B batch, N query length, S key length, H query heads, K kv heads,
+G = H // K query heads per kv head (GQA: queries are grouped, K/V are never repeated in memory),
+D head dim, C block length, M key-window length of a query block.
+
+Masking is index based: query i sees key j when ``j <= i`` (causal), ``i - j < window``
+(sliding window) and ``segment_ids[i] == segment_ids[j]`` (packed documents). Within one
+document indices and per-document positions differ by a constant, so index masks are exact.
+A query whose every key is masked (it cannot happen for real tokens, which see themselves)
+gets a zero output, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ATTENTION_IMPLS = ("xla",)
+
+
+def _group_queries(q_BxNxHxD: Array, num_kv_heads: int) -> Array:
+  b, n, h, d = q_BxNxHxD.shape
+  if h % num_kv_heads:
+    raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={num_kv_heads}")
+  return q_BxNxHxD.reshape(b, n, num_kv_heads, h // num_kv_heads, d)
+
+
+def _acc_dtype(x: Array):
+  """Softmax and accumulation dtype: float32, or float64 for float64 inputs (references)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _masked_softmax_weighted_sum(s_f32: Array, mask: Array, v: Array, spec: str) -> Array:
+  """softmax(s) restricted to ``mask`` (in float32 or wider), applied to v with einsum ``spec``.
+
+  Rows with no visible key produce zeros (not NaN).
+  """
+  s_f32 = jnp.where(mask, s_f32, -jnp.inf)
+  m = jnp.max(s_f32, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s_f32 - m)  # exp(-inf) = 0 on masked entries.
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0.0, 1.0, denom)
+  return jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=_acc_dtype(v))
+
+
+def dense_attention(
+    q_BxNxHxD: Array,
+    k_BxSxKxD: Array,
+    v_BxSxKxD: Array,
+    *,
+    window: Optional[int] = None,
+    q_segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+    q_offset: int = 0,
+) -> Array:
+  """Materialises the full score matrix. For tests and short inputs only.
+
+  Query i (absolute index ``q_offset + i``) sees key j when ``j <= q_offset + i`` and, with a
+  window, ``q_offset + i - j < window``.
+  """
+  n, s = q_BxNxHxD.shape[1], k_BxSxKxD.shape[1]
+  q = _group_queries(q_BxNxHxD, k_BxSxKxD.shape[2])
+  scale = q.shape[-1] ** -0.5
+  s_BxKxGxNxS = jnp.einsum(
+      "bnkgd,bskd->bkgns", q, k_BxSxKxD, preferred_element_type=_acc_dtype(q)) * scale
+  qi = q_offset + jnp.arange(n)[:, None]
+  kj = jnp.arange(s)[None, :]
+  mask_NxS = kj <= qi
+  if window is not None:
+    mask_NxS &= qi - kj < window
+  mask = mask_NxS[None, None, None]
+  if q_segment_ids is not None:
+    seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = mask & seg[:, None, None]
+  out_BxNxKxGxD = _masked_softmax_weighted_sum(s_BxKxGxNxS, mask, v_BxSxKxD, "bkgns,bskd->bnkgd")
+  return out_BxNxKxGxD.reshape(q_BxNxHxD.shape).astype(q_BxNxHxD.dtype)
+
+
+def _pad_to(x: Array, length: int, axis: int = 1, value=0) -> Array:
+  pad = length - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def local_attention(
+    q_BxNxHxD: Array,
+    k_BxNxKxD: Array,
+    v_BxNxKxD: Array,
+    *,
+    window: int,
+    segment_ids: Optional[Array] = None,
+    block_size: int = 128,
+) -> Array:
+  """Causal sliding-window self-attention in O(N * (W + C)) time and memory.
+
+  The sequence is cut into query blocks of C tokens. Query block i can only reach keys in
+  ``[i*C - (W-1), i*C + C - 1]``, i.e. its own key block and the ``P = ceil((W-1)/C)`` blocks
+  before it. Those P+1 key blocks are gathered into an M = (P+1)*C window per query block, so
+  scores are [B, K, G, nblocks, C, M] instead of [.., N, N].
+  """
+  if window <= 0:
+    raise ValueError(f"window={window} must be positive")
+  b, n, h, d = q_BxNxHxD.shape
+  kv_heads = k_BxNxKxD.shape[2]
+  c = max(1, min(block_size, n))
+  nblocks = -(-n // c)
+  n_pad = nblocks * c
+  prev = min(-(-(window - 1) // c), nblocks - 1)  # Key blocks before the diagonal one.
+  m = (prev + 1) * c
+
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, n), jnp.int32)
+  q = _group_queries(_pad_to(q_BxNxHxD, n_pad), kv_heads)
+  q_BxLxCxKxGxD = q.reshape(b, nblocks, c, kv_heads, h // kv_heads, d)
+  seg_q = _pad_to(segment_ids, n_pad, value=-1).reshape(b, nblocks, c)
+
+  def key_windows(x: Array, fill) -> Array:
+    """[B, N, ...] -> [B, nblocks, M, ...]: the prev+1 key blocks each query block reaches."""
+    x = _pad_to(x, n_pad, value=fill)
+    x = jnp.pad(x, [(0, 0), (prev * c, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = x.reshape(b, nblocks + prev, c, *x.shape[2:])
+    blocks = [x[:, j:j + nblocks] for j in range(prev + 1)]
+    return jnp.concatenate(blocks, axis=2)
+
+  k_BxLxMxKxD = key_windows(k_BxNxKxD, 0)
+  v_BxLxMxKxD = key_windows(v_BxNxKxD, 0)
+  seg_k = key_windows(segment_ids, -2)
+
+  scale = d ** -0.5
+  s = jnp.einsum("blckgd,blmkd->blkgcm", q_BxLxCxKxGxD, k_BxLxMxKxD,
+                 preferred_element_type=_acc_dtype(q)) * scale
+  # Absolute indices: query (l, c) is l*C + c; key (l, m) is (l - prev)*C + m.
+  qi = jnp.arange(c)[:, None]
+  kj = jnp.arange(m)[None, :] - prev * c
+  delta = qi - kj  # Independent of the block index l.
+  mask_CxM = (delta >= 0) & (delta < window)
+  mask = mask_CxM[None, None, None, None] & (
+      seg_q[:, :, None, None, :, None] == seg_k[:, :, None, None, None, :])
+  out = _masked_softmax_weighted_sum(s, mask, v_BxLxMxKxD, "blkgcm,blmkd->blckgd")
+  out = out.reshape(b, n_pad, h, d)[:, :n]
+  return out.astype(q_BxNxHxD.dtype)
+
+
+def causal_attention(
+    q_BxNxHxD: Array,
+    k_BxNxKxD: Array,
+    v_BxNxKxD: Array,
+    *,
+    segment_ids: Optional[Array] = None,
+    block_size: int = 512,
+) -> Array:
+  """Full causal attention that never materialises an N x N score matrix.
+
+  Queries are processed in chunks of C; chunk i only reads keys ``[0, (i+1)*C)`` (the causal
+  prefix), so the work is about N^2/2 and the largest score tensor is C x N. Each chunk is
+  rematerialised in the backward pass, so training memory stays O(C * N) per layer as well.
+  The chunk loop is unrolled (N/C static shapes): fine up to a few dozen chunks.
+  """
+  b, n, h, d = q_BxNxHxD.shape
+  c = max(1, min(block_size, n))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, n), jnp.int32)
+
+  @functools.partial(jax.checkpoint, static_argnums=(5,))
+  def chunk(q, k, v, seg_q, seg_k, offset):
+    return dense_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k, q_offset=offset)
+
+  outs = []
+  for start in range(0, n, c):
+    end = min(start + c, n)
+    outs.append(chunk(q_BxNxHxD[:, start:end], k_BxNxKxD[:, :end], v_BxNxKxD[:, :end],
+                      segment_ids[:, start:end], segment_ids[:, :end], start))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def self_attention(q, k, v, *, window: Optional[int], segment_ids, impl: str = "xla",
+                   block_size: int = 128) -> Array:
+  """The dispatch point for every attention in the model (``config.model.attention_impl``).
+
+  ``window=None`` is full causal attention (Transformer layers and the cross-decoder, whose
+  queries attend to the one global K/V over the same positions); otherwise sliding-window.
+  """
+  if impl != "xla":
+    raise ValueError(f"attention_impl={impl!r} is not available; allowed: {ATTENTION_IMPLS}")
+  if window is None:
+    return causal_attention(q, k, v, segment_ids=segment_ids, block_size=block_size)
+  return local_attention(q, k, v, window=window, segment_ids=segment_ids, block_size=block_size)

@@ -1,0 +1,93 @@
+"""Building blocks shared by every architecture: RMSNorm, rotate-half RoPE, SwiGLU, projections.
+
+Parameters are float32 and carry logical axis names (``nn.with_logical_partitioning``); compute
+happens in the configured activation dtype, with norms and RoPE in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from yocou_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def param_init(cfg: ModelConfig, axes: Sequence[str]):
+  """Normal(init_std) initialiser annotated with logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), tuple(axes))
+
+
+def activation(x: Array, *axes: str) -> Array:
+  """Constrains an activation's sharding by logical names (a no-op outside a mesh/rules scope)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """y = x / rms(x) * scale, computed in float32, returned in the activation dtype."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale).astype(self.cfg.compute_dtype)
+
+
+def apply_rope(x_BxNxHxD: Array, positions_BxN: Array, theta: float) -> Array:
+  """Rotate-half RoPE (the Llama / Hugging Face convention): pairs (i, i + D/2) rotate together."""
+  d = x_BxNxHxD.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles_BxNxF = positions_BxN.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_BxNxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxNxF)[:, :, None, :]
+  x = x_BxNxHxD.astype(jnp.promote_types(x_BxNxHxD.dtype, jnp.float32))
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxNxHxD.dtype)
+
+
+class Projection(nn.Module):
+  """A bias-free linear map ``x[..., in] -> y[..., out_shape]`` with a logically named kernel.
+
+  ``in_axes`` counts the trailing input dims contracted (1 for [.., D], 2 for [.., H, Dh]).
+  """
+
+  cfg: ModelConfig
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  in_axes: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[-self.in_axes:]
+    kernel = self.param("kernel", param_init(self.cfg, self.axes), (*in_shape, *self.out_shape),
+                        jnp.float32)
+    dtype = self.cfg.compute_dtype
+    contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                            ((contract, tuple(range(self.in_axes))), ((), ())),
+                            preferred_element_type=jnp.promote_types(dtype, jnp.float32))
+    return y.astype(dtype)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)), Llama's feed-forward block."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array) -> Array:
+    cfg = self.cfg
+    gate_BxNxF = Projection(cfg, (cfg.d_ff,), ("embed", "mlp"), name="gate")(x_BxNxD)
+    up_BxNxF = Projection(cfg, (cfg.d_ff,), ("embed", "mlp"), name="up")(x_BxNxD)
+    h_BxNxF = activation(nn.silu(gate_BxNxF) * up_BxNxF,
+                         "activation_batch", "activation_length", "activation_mlp")
+    return Projection(cfg, (cfg.d_model,), ("mlp", "embed"), name="down")(h_BxNxF)
