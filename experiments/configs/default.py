@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 2  # K/V heads (GQA); must divide num_heads.
   m.head_dim = 32  # Per-head width.
   m.d_ff = 384  # SwiGLU hidden width.
-  m.vocab_size = 256  # Byte-level tokenizer by default.
+  m.vocab_size = 384  # >= the tokenizer's vocabulary (bytes: 259), a multiple of 128.
   m.window = 64  # Sliding window W of the self-decoder (keys i-W+1..i).
   m.num_iterations = 3  # T: loops of the self-decoder (yocou) / recursive block (rins, looped).
   m.num_recursive_layers = 2  # rins: how many leading layers are looped.
@@ -37,12 +37,48 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data ------------------------------------------------------------------------------------
   d = config.data = ml_collections.ConfigDict()
   d.seq_len = 256  # Tokens per packed training row.
+  d.tfds_name = "python_stdlib"  # TFDS dataset (array_record): python_stdlib, text_files, or any prepared one.
+  d.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default dir.
+  d.text_glob = ml_collections.FieldReference(None, field_type=str)  # text_files: dir or glob.
+  d.text_key = "text"  # Feature holding the document text.
+  d.tokenizer = "byte"  # byte, a SentencePiece .model path, or a tokenizer.json path.
+  d.num_workers = 0  # grain worker processes for the training pipeline.
 
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()
   t.batch_size = 8  # Global batch size in rows.
   t.steps = 300  # Optimizer steps.
   t.learning_rate = 3e-3  # Peak learning rate.
+  t.warmup_steps = 30  # Linear warmup from lr/warmup to lr.
+  t.schedule = "cosine"  # Decay after warmup: cosine, linear or constant.
+  t.min_lr_ratio = 0.1  # Final learning rate as a fraction of the peak.
+  t.b1 = 0.9  # AdamW beta1.
+  t.b2 = 0.95  # AdamW beta2.
+  t.eps = 1e-8  # AdamW epsilon.
+  t.weight_decay = 0.1  # Decoupled weight decay (AdamW).
+  t.decay_embeddings = False  # Apply weight decay to embedding / output matrices too.
+  t.decay_norms = False  # Apply weight decay to norm scales too.
+  t.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+  t.microbatches = 1  # Gradient accumulation: microbatches per optimizer step.
+  t.z_loss = 0.0  # Weight of the z-loss (mean log(Z)^2) regulariser.
+
+  # --- evaluation ------------------------------------------------------------------------------
+  e = config.eval = ml_collections.ConfigDict()
+  e.every_steps = 100  # Evaluate every this many steps (and at the end).
+  e.num_batches = 4  # Fixed validation batches per evaluation.
+  e.batch_size = 8  # Rows per validation batch.
+
+  # --- checkpointing ---------------------------------------------------------------------------
+  c = config.checkpoint = ml_collections.ConfigDict()
+  c.every_steps = 100  # Save every this many steps (and at the end, and on SIGTERM).
+  c.keep = 3  # Keep the newest this many checkpoints.
+  c.use_async = True  # Write checkpoints in the background.
+
+  # --- logging ---------------------------------------------------------------------------------
+  lg = config.logging = ml_collections.ConfigDict()
+  lg.every_steps = 10  # Log metrics every this many steps.
+  lg.tensorboard = True  # Also write TensorBoard event files.
+  lg.progress = True  # One-line progress display on the console.
 
   # --- mesh ------------------------------------------------------------------------------------
   mesh = config.mesh = ml_collections.ConfigDict()

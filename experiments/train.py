@@ -1,0 +1,65 @@
+r"""Trains a model of the YOCO-U family.
+
+  python -m experiments.train --config=experiments/configs/default.py \
+      --config.model.num_iterations=3 --workdir=runs/my_run
+
+With no flags it trains the embedded default (a small YOCO-U, T=3, on the Python standard
+library's source) into ``runs/default``, then writes ``loss_curve.png`` and prints a greedy
+sample. Re-running on a workdir that holds checkpoints resumes where it stopped.
+
+Multi-host: on TPU pods pass ``--multihost`` (JAX finds the coordinator itself); elsewhere pass
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every host.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/default.py", "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Greedy sample length (0: none).")
+_SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final sample.")
+
+
+def initialize_distributed() -> None:
+  """Joins the multi-process runtime when asked to (TPU pods, GPU clusters, CPU loopback)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if not (_MULTIHOST.value or _COORDINATOR.value):
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs need it.
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from experiments import reporting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  logging.info("workdir %s, %d processes, %d devices (%s)", workdir, jax.process_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  result = trainer.train(config, workdir)
+  if jax.process_index() != 0:
+    return
+  reporting.summarize_run(config, workdir, result, sample_prompt=_SAMPLE_PROMPT.value,
+                          sample_tokens=_SAMPLE_TOKENS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

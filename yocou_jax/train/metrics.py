@@ -1,0 +1,147 @@
+"""Training metrics: JSONL + TensorBoard writers, peak FLOP/s per device, MFU, console progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+# Dense bfloat16 peak FLOP/s per chip (vendor figures, no sparsity). Matched against
+# ``device.device_kind`` by substring, most specific first.
+PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; the PCIe card is lower (756e12)
+    ("A100", 312e12),
+)
+
+
+def table_peak_flops(device: jax.Device) -> Optional[float]:
+  kind = device.device_kind
+  for name, peak in PEAK_FLOPS_PER_DEVICE:
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Best achieved FLOP/s of a jitted square matmul on the default device."""
+  a = jnp.ones((size, size), dtype)
+  b = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best
+
+
+def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
+  """(peak FLOP/s of one local device, where the figure comes from)."""
+  device = jax.local_devices()[0]
+  peak = table_peak_flops(device)
+  if peak is not None:
+    return peak, f"table: {device.device_kind} dense bf16 peak"
+  measured = measure_matmul_peak(dtype=dtype)
+  return measured, f"measured: {jnp.dtype(dtype).name} matmul peak on {device.device_kind}"
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
+
+  Only process 0 writes; other processes get a writer that drops everything.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _to_python(v: Any) -> Any:
+  if hasattr(v, "item"):
+    return v.item()
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A one-line console display: step, loss, tokens/s, MFU and ETA."""
+
+  def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr):
+    self.total = total_steps
+    self.enabled = enabled
+    self.stream = stream
+    self.start_time = time.time()
+    self.start_step: Optional[int] = None
+
+  def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    if self.start_step is None:
+      self.start_step, self.start_time = step, time.time()
+    done = step - self.start_step
+    elapsed = time.time() - self.start_time
+    eta = (self.total - step) * elapsed / done if done > 0 else float("nan")
+    line = (f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f} "
+            f"{metrics.get('tokens_per_sec', 0):,.0f} tok/s "
+            f"MFU {100 * metrics.get('mfu', 0):.1f}% ETA {_fmt_seconds(eta)}")
+    self.stream.write("\r" + line.ljust(96))
+    self.stream.flush()
+
+  def finish(self) -> None:
+    if self.enabled:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+def _fmt_seconds(s: float) -> str:
+  if s != s:  # NaN
+    return "--"
+  s = int(s)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,135 @@
+"""The sharded training state, train step and eval step.
+
+``jit_train_step`` is the whole story of distribution: the state lives sharded by the logical
+axis rules (parameters and Adam moments alike), batches are sharded over the data axes, and XLA's
+SPMD partitioner inserts the collectives. The same function is what the AOT compiler compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from yocou_jax import sharding as sharding_lib
+from yocou_jax.loss import cross_entropy, next_token_targets
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def dummy_tokens(batch_size: int, seq_len: int) -> jax.Array:
+  return jnp.zeros((batch_size, seq_len), jnp.int32)
+
+
+def init_state_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) -> Callable:
+  """rng -> TrainState with plain (unboxed) float32 params."""
+
+  def init(rng: jax.Array) -> TrainState:
+    params = nn.meta.unbox(model.init(rng, dummy_tokens(1, seq_len))["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return init
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                    seq_len: int, rules=sharding_lib.LOGICAL_AXIS_RULES):
+  """(abstract TrainState, its NamedShardings), from shapes only: nothing is allocated.
+
+  Adam's moments take the sharding of the parameter they belong to; scalars are replicated.
+  Raises a one-line ValueError when a parameter dimension is not divisible by its mesh axes.
+  """
+  rng = jax.random.key(0)
+  boxed = jax.eval_shape(lambda r: model.init(r, dummy_tokens(1, seq_len))["params"], rng)
+  param_shardings = sharding_lib.logical_sharding(boxed, mesh, rules)
+  sharding_lib.check_divisible(boxed, param_shardings)
+  abstract = jax.eval_shape(init_state_fn(model, tx, seq_len), rng)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract.opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+  return abstract, shardings
+
+
+def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
+  """Summed (not averaged) loss and its gradient, so microbatches add up exactly."""
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, batch["tokens"], batch["segment_ids"], batch["positions"])
+    targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+    _, aux = cross_entropy(logits, targets, weights, z_loss)
+    return aux["loss_sum"] + z_loss * aux["z_loss_sum"], aux
+
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, aux
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               microbatches: int = 1, z_loss: float = 0.0) -> tuple[TrainState, dict]:
+  """One optimizer step over the global batch, accumulating ``microbatches`` gradients."""
+  if microbatches == 1:
+    grads, aux = _loss_and_grads(model, state.params, batch, z_loss)
+  else:
+    def split(x):  # [B, N] -> [M, B/M, N]; microbatch m takes rows m, m+M, ... (shard-local).
+      x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def accumulate(carry, mb):
+      grads, aux = _loss_and_grads(model, state.params, mb, z_loss)
+      return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "num_tokens")}
+    (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), jax.tree.map(split, batch))
+  num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
+  grads = jax.tree.map(lambda g: g / num_tokens, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": aux["loss_sum"] / num_tokens,
+      "z_loss": aux["z_loss_sum"] / num_tokens,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "num_tokens": aux["num_tokens"],
+      "learning_rate": schedule(state.step),
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict:
+  logits = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                       batch["positions"])
+  targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+  _, aux = cross_entropy(logits, targets, weights)
+  return {"loss_sum": aux["loss_sum"], "num_tokens": aux["num_tokens"]}
+
+
+def jit_train_step(model, tx, schedule, mesh: Mesh, state_shardings_: TrainState, *,
+                   microbatches: int = 1, z_loss: float = 0.0):
+  """``train_step`` jitted with state/batch shardings and the state donated."""
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           microbatches=microbatches, z_loss=z_loss)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(state_shardings_, batch_sharding),
+                 out_shardings=(state_shardings_, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(model, mesh: Mesh, param_shardings: Any):
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return jax.jit(functools.partial(eval_step, model=model),
+                 in_shardings=(param_shardings, batch_sharding),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))

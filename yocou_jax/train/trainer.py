@@ -1,0 +1,244 @@
+"""The training loop: mesh, data, sharded state, Orbax resume, eval, metrics, preemption.
+
+``train(config, workdir)`` is everything ``experiments/train.py`` does after flag parsing. A run
+is a pure function of the config: re-running it on a workdir that holds checkpoints resumes from
+the latest committed step, including the data iterator, and continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from yocou_jax import accounting
+from yocou_jax import sharding as sharding_lib
+from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.model import Model
+from yocou_jax.train import checkpoint as checkpoint_lib
+from yocou_jax.train import metrics as metrics_lib
+from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: step_lib.TrainState
+  history: list[dict]  # Logged metrics, one dict per logging step (process 0 and others alike).
+  preempted: bool = False
+
+
+def validate_config(config: Any, num_devices: int, process_count: int) -> ModelConfig:
+  """Checks the whole config before anything is allocated; one-line errors name the field."""
+  model_cfg = ModelConfig.from_config(config.model)
+  t = config.train
+  mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh, num_devices)
+  data_parallel = mesh_shape[0] * mesh_shape[1]
+  for field in ("batch_size", "steps", "microbatches"):
+    if int(t[field]) <= 0:
+      raise ConfigError(f"config.train.{field}={t[field]} must be a positive integer")
+  if config.data.seq_len <= 0:
+    raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be a positive integer")
+  if t.batch_size % t.microbatches:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                      f"config.train.microbatches={t.microbatches}")
+  if (t.batch_size // t.microbatches) % data_parallel:
+    raise ConfigError(
+        f"config.train.batch_size={t.batch_size} (per microbatch "
+        f"{t.batch_size // t.microbatches}) is not divisible by the data-parallel mesh axes "
+        f"data x fsdp = {data_parallel}")
+  if t.batch_size % process_count:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by the "
+                      f"{process_count} processes")
+  if config.eval.batch_size % data_parallel:
+    raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
+                      f"data x fsdp = {data_parallel}")
+  return model_cfg
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some test runners): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.asarray(flags).any())
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def evaluate(eval_fn, params, eval_batches, sharding) -> dict[str, float]:
+  loss_sum, tokens = 0.0, 0.0
+  for local in eval_batches:
+    out = eval_fn(params, _global_batch(local, sharding))
+    loss_sum += float(out["loss_sum"])
+    tokens += float(out["num_tokens"])
+  loss = loss_sum / max(tokens, 1.0)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
+
+
+def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResult:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Args:
+    config: the experiment ConfigDict (see experiments/configs/default.py).
+    workdir: where checkpoints, metrics.jsonl, TensorBoard files and the tokenizer go.
+    data: optional ``(train_iterator, eval_batches, tokenizer)`` overriding the configured
+      grain pipeline (tests and benchmarks use synthetic data this way). The iterator must
+      support ``get_state``/``set_state`` to be checkpointed; otherwise it is not saved.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_chief = process_index == 0
+  model_cfg = validate_config(config, jax.device_count(), process_count)
+  t = config.train
+  seq_len = config.data.seq_len
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.LOGICAL_AXIS_RULES
+
+  if data is None:
+    data = _make_data(config, workdir, process_index, process_count, is_chief)
+  train_iter, eval_batches, tokenizer = data
+  if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+
+  model = Model(model_cfg)
+  schedule = optimizer_lib.learning_rate_schedule(t)
+  tx = optimizer_lib.make_optimizer(t)
+  abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, seq_len, rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+      use_async=config.checkpoint.use_async)
+  saveable_iter = train_iter if hasattr(train_iter, "get_state") else None
+
+  flops_per_step = accounting.train_flops_per_step(model_cfg, seq_len, t.batch_size)
+  peak, peak_source = metrics_lib.peak_flops_per_device(model_cfg.compute_dtype)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief,
+                                     tensorboard=config.logging.tensorboard)
+  progress = metrics_lib.Progress(t.steps, enabled=is_chief and config.logging.progress)
+  if is_chief:
+    logging.info("model %s: %s params; %.3e training FLOPs/step; MFU denominator %.3e FLOP/s "
+                 "per device (%s); mesh %s", model_cfg.arch,
+                 f"{accounting.param_counts(model_cfg)['total']:,}", flops_per_step, peak,
+                 peak_source, dict(mesh.shape))
+
+  history: list[dict] = []
+  preempted = False
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      target = checkpoint_lib.abstract_with_shardings(abstract_state, shardings)
+      state = checkpointer.restore(latest, target, data_iterator=saveable_iter)
+      logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+    else:
+      init = jax.jit(step_lib.init_state_fn(model, tx, seq_len), out_shardings=shardings)
+      state = init(jax.random.key(config.seed))
+    train_step = step_lib.jit_train_step(model, tx, schedule, mesh, shardings,
+                                         microbatches=t.microbatches, z_loss=t.z_loss)
+    eval_fn = step_lib.jit_eval_step(model, mesh, shardings.params)
+
+    start_step = int(state.step)
+    config_json = config.to_dict()
+    window_start, window_steps = time.perf_counter(), 0
+    with _PreemptionFlag() as preemption:
+      for step in range(start_step, t.steps):
+        batch = _global_batch(next(train_iter), batch_sharding)
+        state, step_metrics = train_step(state, batch)
+        window_steps += 1
+        done = step + 1
+        log_now = done % config.logging.every_steps == 0 or done == t.steps
+        eval_now = done % config.eval.every_steps == 0 or done == t.steps
+        if log_now or eval_now:
+          record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          elapsed = time.perf_counter() - window_start
+          record.update(_throughput(window_steps, elapsed, t.batch_size * seq_len,
+                                    flops_per_step, peak))
+          record.update({"cumulative_tokens": done * t.batch_size * seq_len,
+                         "cumulative_train_flops": done * float(flops_per_step)})
+          if eval_now and eval_batches:
+            record.update(evaluate(eval_fn, state.params, eval_batches, batch_sharding))
+          writer.write(done, record)
+          progress.update(done, record)
+          history.append({"step": done, **record})
+          window_start, window_steps = time.perf_counter(), 0
+        if done == start_step + 1:  # Leave the compilation out of the throughput figures.
+          jax.block_until_ready(state)
+          window_start, window_steps = time.perf_counter(), 0
+        stop = preemption.any_process()
+        checkpointer.save(done, state, data_iterator=saveable_iter, config=config_json,
+                          force=stop or done == t.steps)
+        if stop:
+          logging.warning("SIGTERM received: saved step %d, exiting", done)
+          preempted = True
+          break
+    checkpointer.wait_until_finished()
+  progress.finish()
+  writer.close()
+  checkpointer.close()
+  return TrainResult(state=state, history=history, preempted=preempted)
+
+
+def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step: float,
+                peak_per_device: float) -> dict[str, float]:
+  seconds = max(seconds, 1e-9)
+  flops_per_sec_per_device = steps * flops_per_step / seconds / jax.device_count()
+  return {
+      "step_time": seconds / steps,
+      "tokens_per_sec": steps * tokens_per_step / seconds,
+      "tflops_per_device": flops_per_sec_per_device / 1e12,
+      "mfu": flops_per_sec_per_device / peak_per_device,
+  }
+
+
+def _make_data(config, workdir: str, process_index: int, process_count: int, is_chief: bool):
+  """The configured grain pipeline and tokenizer; the tokenizer is saved into the workdir."""
+  from yocou_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+
+  tokenizer_dir = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+    tokenizer = tokenizers.tokenizer_from_directory(tokenizer_dir)
+  else:
+    tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+    if is_chief:
+      tokenizer.save(tokenizer_dir)
+  train_iter = pipeline.make_train_iterator(
+      config.data, tokenizer, global_batch_size=config.train.batch_size, seed=config.seed,
+      process_index=process_index, process_count=process_count)
+  eval_batches = pipeline.make_eval_batches(
+      config.data, tokenizer, global_batch_size=config.eval.batch_size,
+      num_batches=config.eval.num_batches, process_index=process_index,
+      process_count=process_count)
+  return train_iter, eval_batches, tokenizer
