@@ -250,7 +250,10 @@ class Model(nn.Module):
     return self.logits(x_BxNxD)
 
   def embed(self, tokens_BxN: Array) -> Array:
-    x_BxNxD = jnp.take(self.embedding, tokens_BxN, axis=0).astype(self.cfg.compute_dtype)
+    # Gather from a table that is whole along 'embed' (FSDP all-gathers it, as for any weight),
+    # so the lookup partitions cleanly over the batch.
+    table_VxD = activation(self.embedding, "vocab", None)
+    x_BxNxD = jnp.take(table_VxD, tokens_BxN, axis=0).astype(self.cfg.compute_dtype)
     return _residual(x_BxNxD)
 
   def logits(self, x_BxNxD: Array) -> Array:

@@ -26,16 +26,14 @@ def _grain_args():
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` with the items this project saves."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, use_async: bool = True):
-    if every_steps <= 0:
-      raise ValueError(f"config.checkpoint.every_steps={every_steps} must be positive")
+  def __init__(self, workdir: str, *, keep: int, use_async: bool = True):
     if keep <= 0:
       raise ValueError(f"config.checkpoint.keep={keep} must be positive")
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps,
+            save_interval_steps=1,  # The caller decides when to save.
             max_to_keep=keep,
             enable_async_checkpointing=use_async,
             create=True,
@@ -49,14 +47,14 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, *, data_iterator: Any = None,
-           config: Optional[dict] = None, force: bool = False) -> bool:
-    """Starts a (possibly async) save; returns whether one was started at this step."""
+           config: Optional[dict] = None) -> bool:
+    """Starts a (possibly async) save of this step; returns whether one was started."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = _grain_args()[0](data_iterator)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
     """Restores the state onto ``abstract_state``'s shardings (and the iterator in place)."""

@@ -47,6 +47,10 @@ def validate_config(config: Any, num_devices: int, process_count: int) -> ModelC
   for field in ("batch_size", "steps", "microbatches"):
     if int(t[field]) <= 0:
       raise ConfigError(f"config.train.{field}={t[field]} must be a positive integer")
+  for section in ("checkpoint", "eval", "logging"):
+    if int(config[section].every_steps) <= 0:
+      raise ConfigError(f"config.{section}.every_steps={config[section].every_steps} must be a "
+                        "positive integer")
   if config.data.seq_len <= 0:
     raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be a positive integer")
   if t.batch_size % t.microbatches:
@@ -140,8 +144,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResu
   abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, seq_len, rules)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-      use_async=config.checkpoint.use_async)
+      workdir, keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
   saveable_iter = train_iter if hasattr(train_iter, "get_state") else None
 
   flops_per_step = accounting.train_flops_per_step(model_cfg, seq_len, t.batch_size)
@@ -198,8 +201,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResu
           jax.block_until_ready(state)
           window_start, window_steps = time.perf_counter(), 0
         stop = preemption.any_process()
-        checkpointer.save(done, state, data_iterator=saveable_iter, config=config_json,
-                          force=stop or done == t.steps)
+        if stop or done == t.steps or done % config.checkpoint.every_steps == 0:
+          checkpointer.save(done, state, data_iterator=saveable_iter, config=config_json)
         if stop:
           logging.warning("SIGTERM received: saved step %d, exiting", done)
           preempted = True
