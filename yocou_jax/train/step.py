@@ -101,8 +101,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   metrics = {
       "loss": aux["loss_sum"] / num_tokens,
       "z_loss": aux["z_loss_sum"] / num_tokens,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "num_tokens": aux["num_tokens"],
       "learning_rate": schedule(state.step),
   }

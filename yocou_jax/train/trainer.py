@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -113,7 +113,12 @@ def evaluate(eval_fn, params, eval_batches, sharding) -> dict[str, float]:
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
 
 
-def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResult:
+Hook = Callable[[int, step_lib.TrainState], None]
+
+
+def train(config: Any, workdir: str, *, data: Optional[Any] = None,
+          devices: Optional[Sequence[jax.Device]] = None,
+          hooks: Sequence[Hook] = ()) -> TrainResult:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
   Args:
@@ -122,13 +127,16 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResu
     data: optional ``(train_iterator, eval_batches, tokenizer)`` overriding the configured
       grain pipeline (tests and benchmarks use synthetic data this way). The iterator must
       support ``get_state``/``set_state`` to be checkpointed; otherwise it is not saved.
+    devices: the devices of the mesh (default: all).
+    hooks: called as ``hook(step, state)`` after every step (custom evaluation, export, ...).
   """
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
-  model_cfg = validate_config(config, jax.device_count(), process_count)
+  devices = list(jax.devices() if devices is None else devices)
+  model_cfg = validate_config(config, len(devices), process_count)
   t = config.train
   seq_len = config.data.seq_len
-  mesh = sharding_lib.make_mesh(config.mesh)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.LOGICAL_AXIS_RULES
 
   if data is None:
@@ -188,7 +196,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResu
           record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           elapsed = time.perf_counter() - window_start
           record.update(_throughput(window_steps, elapsed, t.batch_size * seq_len,
-                                    flops_per_step, peak))
+                                    flops_per_step, peak, len(devices)))
           record.update({"cumulative_tokens": done * t.batch_size * seq_len,
                          "cumulative_train_flops": done * float(flops_per_step)})
           if eval_now and eval_batches:
@@ -200,6 +208,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResu
         if done == start_step + 1:  # Leave the compilation out of the throughput figures.
           jax.block_until_ready(state)
           window_start, window_steps = time.perf_counter(), 0
+        for hook in hooks:
+          hook(done, state)
         stop = preemption.any_process()
         if stop or done == t.steps or done % config.checkpoint.every_steps == 0:
           checkpointer.save(done, state, data_iterator=saveable_iter, config=config_json)
@@ -215,9 +225,9 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None) -> TrainResu
 
 
 def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step: float,
-                peak_per_device: float) -> dict[str, float]:
+                peak_per_device: float, num_devices: int) -> dict[str, float]:
   seconds = max(seconds, 1e-9)
-  flops_per_sec_per_device = steps * flops_per_step / seconds / jax.device_count()
+  flops_per_sec_per_device = steps * flops_per_step / seconds / num_devices
   return {
       "step_time": seconds / steps,
       "tokens_per_sec": steps * tokens_per_step / seconds,
