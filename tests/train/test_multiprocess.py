@@ -1,0 +1,42 @@
+"""Two JAX processes on loopback (gloo collectives) train exactly like one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+
+from tests.train.synthetic import synthetic_data, tiny_config
+from yocou_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_two_processes_match_one_process(tmp_path):
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-m", "tests.train.multiprocess_worker", str(port), "2", str(i),
+           str(tmp_path / "run"), str(tmp_path / f"out{i}.json")],
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+      for i in range(2)
+  ]
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out.decode()[-3000:]
+  results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+  assert [r["devices"] for r in results] == [4, 4]
+  assert [r["local_devices"] for r in results] == [2, 2]
+
+  reference = trainer.train(tiny_config(steps=10, mesh=(2, 2, 1)), str(tmp_path / "single"),
+                            data=synthetic_data(), devices=jax.devices()[:4])
+  ref_losses = [r["loss"] for r in reference.history]
+  ref_eval = [r["eval_loss"] for r in reference.history if "eval_loss" in r]
+  for r in results:
+    np.testing.assert_allclose(r["losses"], ref_losses, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r["eval"], ref_eval, rtol=0, atol=1e-5)
