@@ -1,0 +1,56 @@
+"""Plans a model before training it: parameters, training FLOPs, KV cache, prefill and decode cost.
+
+  python -m experiments.plan --config=experiments/configs/yocou_1p3b.py \
+      --archs=transformer,yoco,yocou,rins,looped --contexts=8192,32768,262144 --json_out=/tmp/p.json
+
+Everything comes from abstract shapes (``yocou_jax.accounting``): nothing is allocated, so a 10B
+config plans in seconds on a laptop. ``--archs`` plans each arch with the config's dims (and the
+config's T for every looped arch).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from yocou_jax import accounting
+from yocou_jax.config import ModelConfig
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/default.py", "Experiment config file.")
+_CONTEXTS = flags.DEFINE_list(
+    "contexts", ["8192", "32768", "262144"], "Context lengths for the KV cache, prefill, decode.")
+_ARCHS = flags.DEFINE_list(
+    "archs", [], "Archs to plan side by side with the config's dims (default: config.model.arch).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the plan(s) here as JSON.")
+
+
+def build_plans(config: Any, archs: Sequence[str], contexts: Sequence[int]) -> dict[str, Any]:
+  """{arch: accounting.plan(...)} for each arch (the config's own when ``archs`` is empty)."""
+  cfg = ModelConfig.from_config(config.model)
+  plans = {}
+  for arch in archs or [cfg.arch]:
+    plans[arch] = accounting.plan(cfg.replace(arch=arch), config.data.seq_len,
+                                  config.train.batch_size, contexts)
+  return plans
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  contexts = [int(c) for c in _CONTEXTS.value]
+  plans = build_plans(_CONFIG.value, _ARCHS.value, contexts)
+  print(accounting.format_table(plans))
+  if _JSON_OUT.value:
+    payload = plans if _ARCHS.value else next(iter(plans.values()))
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(payload, f, indent=2)
+    print(f"wrote {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
