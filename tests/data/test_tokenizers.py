@@ -5,14 +5,20 @@ import os
 import random
 import sysconfig
 
+from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tokenizers as hf_tokenizers
 
+from experiments import train_tokenizer
 from yocou_jax.data import tokenizers
 
 _UNICODE_SAMPLE = ("héllo wörld 🎉 ∑ 中文 \n\t  x = 1\r\n\x00\x7f" +
                    "".join(chr(c) for c in range(0x20, 0x3000, 97)) + "\U0001F600\U0010FFFF")
+
+
+def _ids(tokenizer: tokenizers.Tokenizer) -> tuple[int, int, int, int]:
+  return tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
 
 
 def _random_unicode(rng: random.Random, length: int) -> str:
@@ -47,7 +53,7 @@ def trained(request, training_texts, tmp_path_factory):
 def test_byte_tokenizer_ids():
   tokenizer = tokenizers.load_tokenizer("byte")
   assert isinstance(tokenizer, tokenizers.ByteTokenizer)
-  assert (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (259, 0, 1, 2)
+  assert _ids(tokenizer) == (259, 0, 1, 2)
   assert tokenizer.encode("A\x00é") == [ord("A") + 3, 3, 0xC3 + 3, 0xA9 + 3]
 
 
@@ -69,6 +75,7 @@ def test_byte_tokenizer_decode_never_raises():
   # Specials and out-of-range ids are dropped; a lone continuation byte becomes U+FFFD.
   assert tokenizer.decode([1, ord("a") + 3, 0, 2, 259, -1, 0x80 + 3]) == "a\ufffd"
   assert tokenizer.decode(np.array([[ord("h") + 3, ord("i") + 3]])) == "hi"
+  assert tokenizer.decode(i + 3 for i in b"gen") == "gen"
   assert tokenizer.encode("\ud800") == [ord("?") + 3]  # A lone surrogate is not UTF-8.
 
 
@@ -81,7 +88,7 @@ def test_byte_tokenizer_save_and_load(tmp_path):
 
 def test_trained_tokenizer_round_trips(trained, training_texts):
   tokenizer, _ = trained
-  assert (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (600, 0, 1, 2)
+  assert _ids(tokenizer) == (600, 0, 1, 2)
   for text in training_texts[:5] + [_UNICODE_SAMPLE, "   indented\n\n\ttabs  \n"]:
     ids = tokenizer.encode(text)
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
@@ -110,12 +117,13 @@ def test_trained_tokenizer_is_rebuilt_identically(trained, training_texts, tmp_p
   tokenizer, out_dir = trained
   copy_dir = str(tmp_path / "copy")
   tokenizer.save(copy_dir)
-  model_file = "tokenizer.json" if isinstance(tokenizer, tokenizers.HuggingFaceTokenizer) else "tokenizer.model"
+  model_file = (tokenizers.HUGGINGFACE_FILENAME
+                if isinstance(tokenizer, tokenizers.HuggingFaceTokenizer)
+                else tokenizers.SENTENCEPIECE_FILENAME)
   for spec in (out_dir, copy_dir, os.path.join(copy_dir, model_file)):
     rebuilt = tokenizers.load_tokenizer(spec)
     assert type(rebuilt) is type(tokenizer)
-    assert (rebuilt.vocab_size, rebuilt.pad_id, rebuilt.bos_id, rebuilt.eos_id) == (
-        tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+    assert _ids(rebuilt) == _ids(tokenizer)
     for text in training_texts[5:10] + [_UNICODE_SAMPLE]:
       assert rebuilt.encode(text) == tokenizer.encode(text)
   with open(os.path.join(copy_dir, tokenizers.CONFIG_FILENAME)) as f:
@@ -164,3 +172,17 @@ def test_tampered_config_is_detected(tmp_path):
   config_path.write_text(json.dumps(config))
   with pytest.raises(ValueError, match="does not match its model file"):
     tokenizers.tokenizer_from_directory(str(tmp_path))
+
+
+def test_train_tokenizer_binary(tmp_path, training_texts):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, text in enumerate(training_texts[:10]):
+    (corpus / f"{i}.py").write_text(text)
+  out_dir = str(tmp_path / "tokenizer")
+  with flagsaver.flagsaver(kind="bpe", vocab_size=400, out_dir=out_dir, text_glob=str(corpus),
+                           tfds_data_dir=str(tmp_path / "tfds")):
+    train_tokenizer.main([])
+  tokenizer = tokenizers.load_tokenizer(out_dir)
+  assert isinstance(tokenizer, tokenizers.HuggingFaceTokenizer) and tokenizer.vocab_size == 400
+  assert tokenizer.decode(tokenizer.encode(training_texts[0])) == training_texts[0]

@@ -28,6 +28,7 @@ returns a random-access source for any corpus prepared in ArrayRecord format (fo
 lm1b prepared elsewhere with `file_format="array_record"`).
 """
 
+import abc
 from collections.abc import Iterator, Sequence
 import dataclasses
 import glob
@@ -115,9 +116,9 @@ class _FileCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # requires on Python < 3.9; giving the path directly avoids that import.
   code_path = epath.Path(__file__)
 
+  @abc.abstractmethod
   def _root_and_files(self) -> tuple[str, list[str]]:
     """The corpus root and the POSIX paths of its files relative to that root."""
-    raise NotImplementedError
 
   def _metadata(self) -> dict[str, Any]:
     return {}

@@ -13,7 +13,7 @@ Face `tokenizer.json`, or a directory written by `save`. `train_tokenizer` train
 (Hugging Face `tokenizers`) or a byte-fallback SentencePiece BPE and saves it to a directory.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 import json
 import os
 from typing import Any, Protocol, runtime_checkable
@@ -69,7 +69,7 @@ class Tokenizer(Protocol):
 
 def _valid_ids(ids: Iterable[int], vocab_size: int, special_ids: set[int]) -> list[int]:
   """The ids of `ids` that are inside the vocabulary and not special, as Python ints."""
-  flat_ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
+  flat_ids = np.asarray(list(ids) if isinstance(ids, Iterator) else ids, np.int64).ravel()
   return [int(i) for i in flat_ids if 0 <= i < vocab_size and int(i) not in special_ids]
 
 
@@ -140,7 +140,8 @@ class SentencePieceTokenizer:
       f.write(self._processor.serialized_model_proto())
     _write_config(
         directory,
-        {"kind": "sentencepiece", "model_file": SENTENCEPIECE_FILENAME, **_special_ids_config(self)},
+        {"kind": "sentencepiece", "model_file": SENTENCEPIECE_FILENAME,
+         **_special_ids_config(self)},
     )
 
   def __repr__(self) -> str:
@@ -193,7 +194,8 @@ class HuggingFaceTokenizer:
     self._tokenizer.save(os.path.join(directory, HUGGINGFACE_FILENAME))
     _write_config(
         directory,
-        {"kind": "huggingface", "tokenizer_file": HUGGINGFACE_FILENAME, **_special_ids_config(self)},
+        {"kind": "huggingface", "tokenizer_file": HUGGINGFACE_FILENAME,
+         **_special_ids_config(self)},
     )
 
   def __repr__(self) -> str:
@@ -225,9 +227,11 @@ def tokenizer_from_directory(directory: str) -> Tokenizer:
 def _check_special_ids(tokenizer: Tokenizer, config: dict[str, Any], config_path: str) -> None:
   rebuilt = _special_ids_config(tokenizer)
   recorded = {key: config[key] for key in rebuilt if key in config}
-  mismatched = {key: (value, rebuilt[key]) for key, value in recorded.items() if value != rebuilt[key]}
+  mismatched = {key: (value, rebuilt[key]) for key, value in recorded.items()
+                if value != rebuilt[key]}
   if mismatched:
-    raise ValueError(f"{config_path} does not match its model file (recorded, rebuilt): {mismatched}.")
+    raise ValueError(
+        f"{config_path} does not match its model file (recorded, rebuilt): {mismatched}.")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -311,7 +315,8 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, out_dir: s
     The trained tokenizer, rebuilt from `out_dir`.
   """
   if kind not in TRAINABLE_KINDS:
-    raise ValueError(f"Unknown tokenizer kind {kind!r}: expected one of {', '.join(TRAINABLE_KINDS)}.")
+    raise ValueError(
+        f"Unknown tokenizer kind {kind!r}: expected one of {', '.join(TRAINABLE_KINDS)}.")
   os.makedirs(out_dir, exist_ok=True)
   texts = (text for text in texts if text)
   if kind == "bpe":
