@@ -29,11 +29,13 @@ lm1b prepared elsewhere with `file_format="array_record"`).
 """
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
+import functools
 import glob
 import hashlib
 import os
+import pathlib
 import platform
 import sysconfig
 import time
@@ -47,7 +49,6 @@ LOCAL_DATASETS = ("python_stdlib", "text_files")
 VALIDATION_FRACTION = 0.015
 SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests",
                                  "idle_test"})
-_READ_CHUNK_BYTES = 1 << 20
 
 
 def default_data_dir() -> str:
@@ -70,11 +71,6 @@ def split_by_path(relative_paths: Sequence[str]) -> dict[str, list[str]]:
   return {"train": [p for p in relative_paths if p not in held_out], "validation": validation}
 
 
-def _read_bytes(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
-
-
 @dataclasses.dataclass
 class _FileCensus:
   """The usable files of a corpus and what was left out, for the preparation log."""
@@ -93,7 +89,7 @@ def _census(root: str, relative_paths: Sequence[str]) -> _FileCensus:
   """Drops empty, binary and duplicate files (the first path of identical contents stays)."""
   census, seen_hashes = _FileCensus(), set()
   for relative_path in sorted(relative_paths):
-    data = _read_bytes(os.path.join(root, relative_path))
+    data = pathlib.Path(root, relative_path).read_bytes()
     content_hash = hashlib.sha256(data).digest()
     if not data.strip():
       census.empty += 1
@@ -147,7 +143,7 @@ class _FileCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                          ) -> Iterator[tuple[str, dict[str, str]]]:
     not_utf8 = 0
     for relative_path in relative_paths:
-      data = _read_bytes(os.path.join(root, relative_path))
+      data = pathlib.Path(root, relative_path).read_bytes()
       try:
         text = data.decode("utf-8")
       except UnicodeDecodeError:
@@ -228,39 +224,42 @@ class TextFiles(_FileCorpus):
     return {"text_glob": self.builder_config.text_glob}
 
 
-def _local_builder(name: str, data_dir: str, text_glob: str | None) -> _FileCorpus:
+def _local_builder_factory(name: str, data_dir: str,
+                           text_glob: str | None) -> Callable[[], _FileCorpus]:
+  """Makes fresh builders of a local corpus (the text_files config is computed once)."""
   if name == "python_stdlib":
-    return PythonStdlib(data_dir=data_dir, file_format="array_record")
+    return functools.partial(PythonStdlib, data_dir=data_dir, file_format="array_record")
   if not text_glob:
     raise ValueError("tfds_name='text_files' needs text_glob (a directory or a glob of files).")
-  return TextFiles(config=text_files_config(text_glob), data_dir=data_dir,
-                   file_format="array_record")
+  return functools.partial(TextFiles, config=text_files_config(text_glob), data_dir=data_dir,
+                           file_format="array_record")
 
 
 def prepare_local_builder(name: str, data_dir: str, text_glob: str | None = None) -> _FileCorpus:
   """Prepares `python_stdlib` or `text_files` in `data_dir` unless it is already there.
 
-  Safe under concurrent processes: TFDS writes into a private `incomplete.*` directory and
-  renames it into place. When another process wins that rename, ours fails and is discarded, and
-  the winner's copy (identical, since preparation is deterministic) is used.
+  Safe under concurrent processes on a POSIX file system: TFDS writes into a private
+  `incomplete.*` directory and renames it into place. When another process wins that rename, ours
+  fails and is discarded, and the winner's copy (identical: preparation is deterministic) is used.
 
   Returns:
     A builder reading the prepared dataset.
   """
-  builder = _local_builder(name, data_dir, text_glob)
+  make_builder = _local_builder_factory(name, data_dir, text_glob)
+  builder = make_builder()
   if builder.is_prepared():
     return builder
   start = time.perf_counter()
   try:
     builder.download_and_prepare(file_format="array_record")
   except OSError:
-    if not _local_builder(name, data_dir, text_glob).is_prepared():
+    if not make_builder().is_prepared():
       raise
     logging.info("%s was prepared by another process first; using that copy.", name)
   else:
     logging.info("Prepared %s in %s in %.1f s (%s).", builder.info.full_name, data_dir,
                  time.perf_counter() - start, builder.info.dataset_size)
-  return _local_builder(name, data_dir, text_glob)
+  return make_builder()
 
 
 def _catalogue_data_source(name: str, data_dir: str, split: str) -> Sequence[Any]:
