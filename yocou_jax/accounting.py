@@ -97,12 +97,15 @@ def _attention_kind(cfg: ModelConfig, name: str) -> Optional[str]:
   return {"cross_decoder": CROSS, "global_kv": GLOBAL_KV}.get(name)
 
 
+def _part_rank(name: str) -> int:
+  return PART_ORDER.index(name) if name in PART_ORDER else len(PART_ORDER)
+
+
 def model_parts(cfg: ModelConfig) -> tuple[Part, ...]:
   """Every top-level parameter entry of ``cfg``'s model, with how it is used."""
   params = abstract_params(cfg)
   parts = []
-  rank = {name: i for i, name in enumerate(PART_ORDER)}
-  for name in sorted(params, key=lambda n: rank.get(n, len(rank))):
+  for name in sorted(params, key=_part_rank):
     tree = params[name]
     matmul = _size([leaf for _, leaf in _kernels(tree)])
     if name == "lm_head" or (name == "embedding" and cfg.tie_embeddings):
@@ -275,7 +278,7 @@ def format_table(plans: Mapping[str, Mapping[str, Any]]) -> str:
   """A side-by-side text table of ``{arch: plan(...)}``."""
   archs = list(plans)
   first = plans[archs[0]]
-  parts = list(dict.fromkeys(p for arch in archs for p in plans[arch]["params_by_part"]))
+  parts = sorted({p for arch in archs for p in plans[arch]["params_by_part"]}, key=_part_rank)
   rows: list[tuple[str, list[str]]] = [("arch", archs)]
 
   def row(label: str, fn):
