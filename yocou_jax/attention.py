@@ -24,6 +24,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 ATTENTION_IMPLS = ("xla",)
+MAX_CAUSAL_CHUNKS = 32  # causal_attention unrolls at most this many query chunks.
 
 
 def _group_queries(q_BxNxHxD: Array, num_kv_heads: int) -> Array:
@@ -166,10 +167,11 @@ def causal_attention(
   Queries are processed in chunks of C; chunk i only reads keys ``[0, (i+1)*C)`` (the causal
   prefix), so the work is about N^2/2 and the largest score tensor is C x N. Each chunk is
   rematerialised in the backward pass, so training memory stays O(C * N) per layer as well.
-  The chunk loop is unrolled (N/C static shapes): fine up to a few dozen chunks.
+  The chunk loop is unrolled with static shapes, so C grows past ``block_size`` when needed to
+  keep it at most ``MAX_CAUSAL_CHUNKS`` chunks.
   """
   b, n, h, d = q_BxNxHxD.shape
-  c = max(1, min(block_size, n))
+  c = max(1, min(max(block_size, -(-n // MAX_CAUSAL_CHUNKS)), n))
   if segment_ids is None:
     segment_ids = jnp.ones((b, n), jnp.int32)
 

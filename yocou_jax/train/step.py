@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": aux["loss_sum"] / num_tokens,
-      "z_loss": aux["z_loss_sum"] / num_tokens,
+      "log_z_squared": aux["z_loss_sum"] / num_tokens,  # Unweighted z-loss term.
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),
       "num_tokens": aux["num_tokens"],
