@@ -27,7 +27,7 @@ def plot_loss_curve(workdir: str, path: str) -> bool:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, x_key, x_label in ((axes[0], "step", "step"),
                              (axes[1], "cumulative_train_flops", "training FLOPs")):
-    train = [(r[x_key], r["loss"]) for r in records if "loss" in r]
+    train = [(r[x_key], r["loss"]) for r in records if "loss" in r and r[x_key] > 0]
     evals = [(r[x_key], r["eval_loss"]) for r in records if "eval_loss" in r]
     ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -64,9 +64,9 @@ def greedy_sample(model_cfg: ModelConfig, params: Any, prompt_ids: list[int],
 
 def summarize_run(config, workdir: str, result, *, sample_prompt: str, sample_tokens: int):
   """Prints the run's first/last losses, writes loss_curve.png and prints a greedy sample."""
-  history = result.history
-  if history:
-    last = history[-1]
+  trained = [r for r in result.history if "loss" in r]
+  if trained:
+    last = trained[-1]
     print(f"\nfinal step {last['step']}: train loss {last['loss']:.4f}, "
           f"{last['tokens_per_sec']:,.0f} tokens/s, MFU {100 * last['mfu']:.1f}%")
   records = metrics_lib.read_metrics(workdir)

@@ -13,6 +13,7 @@ Multi-host: on TPU pods pass ``--multihost`` (JAX finds the coordinator itself);
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -40,13 +41,22 @@ def initialize_distributed() -> None:
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+class _QuietLibraryInfo(std_logging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the console (warnings still show)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
 
   from experiments import reporting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from yocou_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -54,7 +64,10 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   logging.info("workdir %s, %d processes, %d devices (%s)", workdir, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
-  result = trainer.train(config, workdir)
+  try:
+    result = trainer.train(config, workdir)
+  except ConfigError as e:  # A bad value: one line naming it, no traceback.
+    raise SystemExit(f"error: {e}") from None
   if jax.process_index() != 0:
     return
   reporting.summarize_run(config, workdir, result, sample_prompt=_SAMPLE_PROMPT.value,

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from yocou_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -51,18 +53,18 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
   free = [i for i, s in enumerate(shape) if s == -1]
   for axis, s in zip(MESH_AXES, shape):
     if s == 0 or s < -1:
-      raise ValueError(f"config.mesh.{axis}={s} is invalid: must be a positive size or -1")
+      raise ConfigError(f"config.mesh.{axis}={s} is invalid: must be a positive size or -1")
   if len(free) > 1:
-    raise ValueError(f"config.mesh has -1 for {[MESH_AXES[i] for i in free]}: at most one axis "
+    raise ConfigError(f"config.mesh has -1 for {[MESH_AXES[i] for i in free]}: at most one axis "
                      "may be -1")
   known = math.prod(s for s in shape if s != -1)
   if free:
     if num_devices % known:
-      raise ValueError(f"config.mesh sizes {dict(zip(MESH_AXES, shape))} do not divide the "
+      raise ConfigError(f"config.mesh sizes {dict(zip(MESH_AXES, shape))} do not divide the "
                        f"{num_devices} devices")
     shape[free[0]] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ValueError(f"config.mesh sizes {dict(zip(MESH_AXES, shape))} multiply to "
+    raise ConfigError(f"config.mesh sizes {dict(zip(MESH_AXES, shape))} multiply to "
                      f"{math.prod(shape)}, not the {num_devices} devices")
   return tuple(shape)
 
@@ -95,7 +97,7 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
       size = math.prod(sharding.mesh.shape[a] for a in axes)
       if dim % size:
         name = jax.tree_util.keystr(path)
-        raise ValueError(f"{name} dimension {dim} is not divisible by mesh axes {axes} "
+        raise ConfigError(f"{name} dimension {dim} is not divisible by mesh axes {axes} "
                          f"(size {size}); change config.mesh or the model sizes")
 
 

@@ -20,7 +20,7 @@ def main(port: str, num_processes: str, process_id: str, workdir: str, out_json:
   data = synthetic_data(process_index=jax.process_index(), process_count=jax.process_count())
   result = trainer.train(config, workdir, data=data)
   with open(out_json, "w") as f:
-    json.dump({"losses": [r["loss"] for r in result.history],
+    json.dump({"losses": [r["loss"] for r in result.history if "loss" in r],
                "eval": [r["eval_loss"] for r in result.history if "eval_loss" in r],
                "devices": jax.device_count(), "local_devices": jax.local_device_count()}, f)
   jax.distributed.shutdown()

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from yocou_jax.config import ConfigError
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -28,7 +30,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, use_async: bool = True):
     if keep <= 0:
-      raise ValueError(f"config.checkpoint.keep={keep} must be positive")
+      raise ConfigError(f"config.checkpoint.keep={keep} must be positive")
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(
         self.directory,

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import optax
 
+from yocou_jax.config import ConfigError
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -15,7 +17,7 @@ def learning_rate_schedule(train_config: Any) -> optax.Schedule:
   """Linear warmup to ``learning_rate``, then cosine/linear decay to ``min_lr_ratio`` x peak."""
   t = train_config
   if t.schedule not in SCHEDULES:
-    raise ValueError(f"config.train.schedule={t.schedule!r} is invalid; allowed: {SCHEDULES}")
+    raise ConfigError(f"config.train.schedule={t.schedule!r} is invalid; allowed: {SCHEDULES}")
   warmup = int(min(t.warmup_steps, t.steps))
   decay_steps = max(int(t.steps) - warmup, 1)
   end = t.learning_rate * t.min_lr_ratio

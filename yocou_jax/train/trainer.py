@@ -182,6 +182,11 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
     eval_fn = step_lib.jit_eval_step(model, mesh, shardings.params)
 
     start_step = int(state.step)
+    if start_step == 0 and eval_batches:  # The starting point of the validation curve.
+      record = {"cumulative_tokens": 0, "cumulative_train_flops": 0.0,
+                **evaluate(eval_fn, state.params, eval_batches, batch_sharding)}
+      writer.write(0, record)
+      history.append({"step": 0, **record})
     config_json = config.to_dict()
     window_start, window_steps = time.perf_counter(), 0
     with _PreemptionFlag() as preemption:
