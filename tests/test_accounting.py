@@ -85,7 +85,7 @@ def test_transformer_params_closed_form(tied):
 def test_1p3b_config_params():
   config = yocou_1p3b.get_config()
   cfg = ModelConfig.from_config(config.model)
-  d, f, v, l = 2048, 5632, 32768, 20
+  d, f, v, l = 2048, 5632, 100352, 20
   attn_q_o, kv = 2 * d * 16 * 128, 2 * d * 4 * 128
   self_layer = attn_q_o + kv + 3 * d * f + 2 * d
   cross_layer = attn_q_o + 3 * d * f + 2 * d

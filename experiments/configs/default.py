@@ -37,12 +37,16 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data ------------------------------------------------------------------------------------
   d = config.data = ml_collections.ConfigDict()
   d.seq_len = 256  # Tokens per packed training row.
-  d.tfds_name = "python_stdlib"  # TFDS dataset (array_record): python_stdlib, text_files, or any prepared one.
+  d.tfds_name = "python_stdlib"  # python_stdlib, text_files, or any prepared array_record TFDS.
   d.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default dir.
   d.text_glob = ml_collections.FieldReference(None, field_type=str)  # text_files: dir or glob.
   d.text_key = "text"  # Feature holding the document text.
   d.tokenizer = "byte"  # byte, a SentencePiece .model path, or a tokenizer.json path.
   d.num_workers = 0  # grain worker processes for the training pipeline.
+  d.train_split = "train"  # TFDS split to train on.
+  d.eval_split = "validation"  # TFDS split to evaluate on.
+  d.packing_bins = 64  # First-fit packing: rows open at once (more bins, fewer padding tokens).
+  d.shuffle_window = 1024  # Packed rows shuffled within windows of this many rows.
 
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()

@@ -1,0 +1,88 @@
+"""A scaling ladder of every arch, for FLOPs-vs-loss curves, with TPU / GPU / CPU mesh variants.
+
+  --config=experiments/configs/ladder.py:ARCH,SIZE[,PLATFORM]
+
+ARCH is one of transformer, yoco, yocou, rins, looped; SIZE a rung below; PLATFORM one of
+``tpu`` (default: full FSDP over every chip, bfloat16, remat), ``gpu`` (FSDP within a host of 8
+GPUs, data parallel across hosts) or ``cpu`` (a tiny smoke-test run of the same shapes' family).
+
+Rungs share the aspect ratios of Llama-style models (head_dim 128 from s2 up, GQA 4:1, SwiGLU
+8/3 d rounded to 256) and, per rung, every arch has the same layer count, width and heads, so
+the curves compare architectures at equal parameters (yocou/rins/looped spend more FLOPs per
+token on their loops; plot against ``cumulative_train_flops``). Steps follow a Chinchilla-style
+budget of ``tokens_per_param`` x non-embedding parameters (an estimate; ``experiments.plan``
+prints the exact counts).
+"""
+
+import ml_collections
+
+from experiments.configs import default
+
+# name: (num_layers, d_model, num_heads, num_kv_heads, head_dim)
+RUNGS = {
+    "s0": (8, 512, 8, 2, 64),
+    "s1": (12, 768, 12, 4, 64),
+    "s2": (16, 1024, 8, 2, 128),
+    "s3": (20, 1536, 12, 4, 128),
+    "s4": (20, 2048, 16, 4, 128),  # The paper's 1.3B dense comparison (with a 100K vocab).
+    "s5": (28, 2560, 20, 4, 128),
+    "s6": (26, 3072, 24, 8, 128),  # YOCO's 3B: 26 layers, d 3072, 24 heads / 8 KV heads.
+}
+PLATFORMS = ("tpu", "gpu", "cpu")
+TOKENS_PER_PARAM = 20
+VOCAB_SIZE = 100352  # cl100k-sized vocabulary (train one with experiments.train_tokenizer).
+
+
+def swiglu_width(d_model: int) -> int:
+  return -(-(8 * d_model // 3) // 256) * 256
+
+
+def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
+  parts = spec.split(",")
+  if len(parts) not in (2, 3):
+    raise ValueError(f"ladder spec {spec!r} is invalid: expected ARCH,SIZE[,PLATFORM]")
+  arch, size = parts[:2]
+  platform = parts[2] if len(parts) == 3 else "tpu"
+  if size not in RUNGS:
+    raise ValueError(f"ladder size {size!r} is invalid; allowed: {sorted(RUNGS)}")
+  if platform not in PLATFORMS:
+    raise ValueError(f"ladder platform {platform!r} is invalid; allowed: {PLATFORMS}")
+
+  config = default.get_config()
+  num_layers, d_model, heads, kv_heads, head_dim = RUNGS[size]
+  config.model.update(
+      arch=arch, num_layers=num_layers, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=head_dim, d_ff=swiglu_width(d_model), vocab_size=VOCAB_SIZE, window=512,
+      num_iterations=3, num_recursive_layers=num_layers // 2, dtype="bfloat16", remat="full",
+      attention_block_size=128)
+  # Pass --config.data.tokenizer=PATH to a ~100K-token tokenizer for real runs (train one with
+  # experiments.train_tokenizer); the byte default keeps every rung runnable out of the box.
+  config.data.seq_len = 8192
+  non_embedding = num_layers * (d_model * head_dim * (2 * heads + 2 * kv_heads)
+                                + 3 * d_model * swiglu_width(d_model))
+  batch_rows = 512  # 4M tokens per step, as in the paper.
+  steps = max(1000, TOKENS_PER_PARAM * non_embedding // (batch_rows * 8192))
+  config.train.update(batch_size=batch_rows, steps=steps, learning_rate=1e-3, b1=0.9, b2=0.95,
+                      warmup_steps=375, schedule="linear", min_lr_ratio=0.0, weight_decay=0.05,
+                      z_loss=1e-4)
+  config.eval.update(every_steps=500, num_batches=16, batch_size=64)
+  config.checkpoint.update(every_steps=500, keep=3)
+  config.logging.every_steps = 20
+
+  if platform == "tpu":
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.model.attention_impl = "xla"  # "auto" once the Pallas kernels land.
+  elif platform == "gpu":
+    config.mesh.update(data=-1, fsdp=8, tensor=1)
+    config.model.attention_impl = "xla"  # "auto" once the Pallas kernels land.
+  else:  # cpu: the same family, shrunk to run in minutes on a laptop.
+    config.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                        d_ff=384, vocab_size=384, window=64, num_recursive_layers=2,
+                        dtype="float32", remat="none")
+    config.data.update(seq_len=256, tokenizer="byte")
+    config.train.update(batch_size=8, steps=300, learning_rate=3e-3, warmup_steps=30,
+                        z_loss=0.0)
+    config.eval.update(every_steps=100, num_batches=4, batch_size=8)
+    config.checkpoint.every_steps = 100
+    config.logging.every_steps = 10
+  return config
