@@ -329,5 +329,5 @@ def test_remat_policies_give_the_same_loss_and_gradients(tiny_config, policy):
   np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
   for (path, g), g_remat in zip(jax.tree_util.tree_leaves_with_path(grads),
                                 jax.tree.leaves(grads_remat)):
-    np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), atol=1e-6, rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), atol=1e-6, rtol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
