@@ -87,7 +87,10 @@ def logical_sharding(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -
 
 def check_divisible(abstract_tree: Any, shardings: Any) -> None:
   """Raises a one-line error for the first array dimension its mesh axes do not divide."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_tree))
+  is_boxed = lambda x: isinstance(x, nn.Partitioned)  # pylint: disable=unnecessary-lambda-assignment
+  values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_boxed(x) else x,
+                        abstract_tree, is_leaf=is_boxed)
+  flat, _ = jax.tree_util.tree_flatten_with_path(values)
   flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   for (path, leaf), sharding in zip(flat, flat_shardings):
     for dim, axes in zip(leaf.shape, sharding.spec):

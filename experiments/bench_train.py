@@ -1,0 +1,165 @@
+r"""Training throughput: matmul peak, step time and MFU per arch, and input-pipeline headroom.
+
+  python -m experiments.bench_train [--archs=transformer,yoco,yocou] [--json_out=PATH]
+
+Runs on whatever single device JAX finds (this CPU, one GPU, one TPU chip). For each arch at
+the same benchmark shape (d 512, 8 layers, seq 1024 by default) it jits the real train step
+(the trainer's own ``jit_train_step``), times ``--steps`` steps after ``--warmup`` and reports
+MFU = analytic training FLOPs per step / step time / peak, with the peak of the device table or,
+on CPU and unknown devices, a matmul peak measured first. It also checks that yocou's extra time
+over yoco is no more than its extra arithmetic, and that the grain pipeline delivers tokens far
+faster than the trainer consumes them.
+
+Targets: MFU >= 50% of the measured peak per arch (float32); yocou/yoco step-time ratio within
+10% of the analytic FLOPs ratio; pipeline tokens/s >= 20x the fastest trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import numpy as np
+
+from experiments.configs import default
+from yocou_jax import accounting
+from yocou_jax import sharding as sharding_lib
+from yocou_jax.config import ModelConfig
+from yocou_jax.model import Model
+from yocou_jax.train import metrics as metrics_lib
+from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import step as step_lib
+
+_ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou"], "Archs to time.")
+_D_MODEL = flags.DEFINE_integer("d_model", 512, "Residual width.")
+_LAYERS = flags.DEFINE_integer("num_layers", 8, "Layers (yoco/yocou: both halves).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per step.")
+_WINDOW = flags.DEFINE_integer("window", 256, "Sliding window of yoco/yocou.")
+_ITERATIONS = flags.DEFINE_integer("num_iterations", 3, "T of yocou.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per arch.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per arch.")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50, "Batches to time the pipeline.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
+
+
+def bench_config(arch: str):
+  config = default.get_config()
+  config.model.update(arch=arch, num_layers=_LAYERS.value, d_model=_D_MODEL.value,
+                      num_heads=_D_MODEL.value // 64, num_kv_heads=_D_MODEL.value // 128,
+                      head_dim=64, d_ff=3 * _D_MODEL.value, window=_WINDOW.value,
+                      num_iterations=_ITERATIONS.value, dtype=_DTYPE.value,
+                      attention_block_size=128)
+  config.data.seq_len = _SEQ_LEN.value
+  config.train.batch_size = _BATCH.value
+  return config
+
+
+def time_train_step(config) -> dict:
+  """Median step time of the trainer's jitted step on one device, on random tokens."""
+  model_cfg = ModelConfig.from_config(config.model)
+  model = Model(model_cfg)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  tx = optimizer_lib.make_optimizer(config.train)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  seq_len, batch = config.data.seq_len, config.train.batch_size
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, model_cfg.vocab_size, (batch, seq_len), dtype=np.int32)
+  batch_arrays = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+                  "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES):
+    _, shardings = step_lib.state_shardings(model, tx, mesh, seq_len)
+    state = jax.jit(step_lib.init_state_fn(model, tx, seq_len),
+                    out_shardings=shardings)(jax.random.key(0))
+    train_step = step_lib.jit_train_step(model, tx, schedule, mesh, shardings)
+    batch_dev = jax.device_put(batch_arrays, sharding_lib.batch_sharding(mesh))
+    start = time.perf_counter()
+    for _ in range(_WARMUP.value):
+      state, metrics = train_step(state, batch_dev)
+    jax.block_until_ready(metrics)
+    compile_and_warmup = time.perf_counter() - start
+    times = []
+    for _ in range(_STEPS.value):
+      start = time.perf_counter()
+      state, metrics = train_step(state, batch_dev)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  flops = accounting.train_flops_per_step(model_cfg, seq_len, batch)
+  step_time = statistics.median(times)
+  return {"arch": model_cfg.arch, "step_time_s": step_time, "train_flops_per_step": flops,
+          "tokens_per_sec": batch * seq_len / step_time, "flops_per_sec": flops / step_time,
+          "warmup_s": compile_and_warmup, "loss": float(metrics["loss"])}
+
+
+def pipeline_tokens_per_sec(config) -> float:
+  """Tokens/s of the configured grain pipeline (python_stdlib, byte tokenizer) on this host."""
+  from yocou_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+
+  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+  iterator = pipeline.make_train_iterator(config.data, tokenizer,
+                                          global_batch_size=config.train.batch_size, seed=0)
+  next(iterator)  # Opening the source and the first packing are start-up, not throughput.
+  start = time.perf_counter()
+  for _ in range(_PIPELINE_BATCHES.value):
+    next(iterator)
+  elapsed = time.perf_counter() - start
+  return _PIPELINE_BATCHES.value * config.train.batch_size * config.data.seq_len / elapsed
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  measured_peak = metrics_lib.measure_matmul_peak(size=2048)
+  table_peak = metrics_lib.table_peak_flops(device)
+  peak = table_peak or measured_peak
+  peak_source = "table (dense bf16)" if table_peak else "measured f32 matmul"
+  rows = [time_train_step(bench_config(arch)) for arch in _ARCHS.value]
+  for row in rows:
+    row["mfu"] = row["flops_per_sec"] / peak
+  by_arch = {r["arch"]: r for r in rows}
+  result = {"device": device.device_kind, "measured_matmul_peak_flops": measured_peak,
+            "peak_flops": peak, "peak_source": peak_source, "rows": rows,
+            "shape": {"d_model": _D_MODEL.value, "num_layers": _LAYERS.value,
+                      "seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value,
+                      "window": _WINDOW.value, "num_iterations": _ITERATIONS.value,
+                      "dtype": _DTYPE.value}}
+  if "yoco" in by_arch and "yocou" in by_arch:
+    time_ratio = by_arch["yocou"]["step_time_s"] / by_arch["yoco"]["step_time_s"]
+    flops_ratio = (by_arch["yocou"]["train_flops_per_step"]
+                   / by_arch["yoco"]["train_flops_per_step"])
+    result["yocou_over_yoco"] = {"time_ratio": time_ratio, "flops_ratio": flops_ratio,
+                                 "relative_gap": time_ratio / flops_ratio - 1.0}
+  pipe = pipeline_tokens_per_sec(bench_config("yocou"))
+  fastest = max(r["tokens_per_sec"] for r in rows)
+  result["pipeline"] = {"tokens_per_sec": pipe, "trainer_tokens_per_sec": fastest,
+                        "headroom": pipe / fastest}
+
+  print(f"\ndevice: {device.device_kind}; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source}); "
+        f"measured f32 matmul peak {measured_peak / 1e9:,.1f} GFLOP/s")
+  print(f"shape: {result['shape']}")
+  print(f"{'arch':<12}{'step s':>9}{'tokens/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>10}{'MFU':>8}"
+        f"{'>=50%':>7}")
+  for r in rows:
+    print(f"{r['arch']:<12}{r['step_time_s']:>9.3f}{r['tokens_per_sec']:>11,.0f}"
+          f"{r['train_flops_per_step'] / 1e9:>12,.1f}{r['flops_per_sec'] / 1e9:>10,.1f}"
+          f"{100 * r['mfu']:>7.1f}%{'yes' if r['mfu'] >= 0.5 else 'NO':>7}")
+  if "yocou_over_yoco" in result:
+    g = result["yocou_over_yoco"]
+    print(f"yocou/yoco: time x{g['time_ratio']:.3f}, FLOPs x{g['flops_ratio']:.3f}, gap "
+          f"{100 * g['relative_gap']:+.1f}% (target within 10%: "
+          f"{'yes' if abs(g['relative_gap']) <= 0.10 else 'NO'})")
+  p = result["pipeline"]
+  print(f"pipeline: {p['tokens_per_sec']:,.0f} tokens/s = {p['headroom']:.1f}x the fastest "
+        f"trainer (target >= 20x: {'yes' if p['headroom'] >= 20 else 'NO'})")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
