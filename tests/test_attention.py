@@ -303,3 +303,10 @@ def test_self_attention_rejects_unknown_impl():
   (q, k, v), _ = random_qkv(13, 4, 2, dtype=np.float32)
   with pytest.raises(ValueError, match="attention_impl='nope'"):
     attention.self_attention(q, k, v, window=None, segment_ids=None, impl="nope")
+
+
+@pytest.mark.parametrize("window", [0, -4])
+def test_local_attention_rejects_a_non_positive_window(window):
+  (q, k, v), _ = random_qkv(14, 4, 2, dtype=np.float32)
+  with pytest.raises(ValueError, match=f"window={window} must be positive"):
+    attention.local_attention(q, k, v, window=window)
