@@ -19,12 +19,6 @@ from yocou_jax.config import ConfigError
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _grain_args():
-  import grain  # pylint: disable=g-import-not-at-top  (grain is only needed when training)
-
-  return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
-
-
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` with the items this project saves."""
 
@@ -53,7 +47,9 @@ class Checkpointer:
     """Starts a (possibly async) save of this step; returns whether one was started."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items["data"] = _grain_args()[0](data_iterator)
+      # Saved once as JSON (not per process): every process's iterator has the same state
+      # (each slices the same global batches), so a run can resume on another process count.
+      items["data"] = ocp.args.JsonSave(data_iterator.get_state())
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -62,8 +58,10 @@ class Checkpointer:
     """Restores the state onto ``abstract_state``'s shardings (and the iterator in place)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = _grain_args()[1](data_iterator)
+      items["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None:
+      data_iterator.set_state(restored["data"])
     return restored["state"]
 
   def restore_config(self, step: int) -> dict:
