@@ -1,0 +1,173 @@
+"""Cross-decoder attention: training kernel over the shared K/V, and a split-K decode kernel.
+
+Training / prefill
+  Every cross-decoder layer attends causally with its own queries to the one global K/V:
+  ``cross_attention(q [B, N, H, D], k/v [B, N, K, D], segment_ids)``. This is the banded
+  flash kernel of :mod:`kernels.local_attention` (TPU) / :mod:`kernels.gpu` (Triton) with an
+  unbounded band (``window=None``): query block i visits key blocks 0..i, forward and backward.
+  Use :func:`kernels.ops.cross_attention`, which pads, dispatches and differentiates.
+
+Decode (inference; forward only)
+  ``decode_attention(q [B, T, H, D], k_cache/v_cache [B, S, K, D], q_positions [B, T],
+  kv_length [B] | None, window | None)``: T new query tokens (T = 1 for plain decoding, more for
+  speculative / chunked steps) at absolute positions ``q_positions`` attend to cache entries
+  ``j`` with ``max(0, pos - window + 1) <= j <= pos`` and ``j < kv_length``. The cache holds keys
+  at their absolute positions (entry j = token j); entries past ``kv_length`` are ignored.
+  Flash-decoding: the S axis is cut into ``num_splits`` chunks processed in parallel, each
+  producing a partial output and its logsumexp; the partials are combined exactly in JAX.
+  The T * G query rows of a kv head (G = H / K) share one K/V read: GQA costs no extra
+  cache traffic. The cache is read as ``[B, S, K * D]`` (a free reshape), so a (block, D)
+  tile of kv head k is a plain 2-D block on TPU and a strided tile on GPU.
+  Reference: :func:`kernels.reference.decode_reference`.
+
+The same decode kernel body runs on TPU (Mosaic), GPU (Triton: rows padded to 16, powers of
+two) and CPU (``interpret=True``); it reads every cache block (no early exit past
+``kv_length``), so pass a cache slice rounded up to the block when the cache is mostly empty.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels import blocks
+from kernels.blocks import MASK_VALUE
+
+Array = jax.Array
+F32 = jnp.float32
+NT_DIMS = (((1,), (1,)), ((), ()))
+NN_DIMS = (((1,), (0,)), ((), ()))
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_kv: int,
+                   num_blocks: int, scale: float, softcap: Optional[float]):
+  """One (batch, kv head, split): online softmax of all query rows over the split's keys."""
+  split = pl.program_id(2)
+  q = q_ref[...]
+  lo, hi = lo_ref[...], hi_ref[...]  # [R, 1]: the visible key range of each row.
+  rows = q.shape[0]
+  base = split * (num_blocks * block_kv)
+
+  def body(c, carry):
+    acc, m, l = carry
+    start = pl.multiple_of(c * block_kv, block_kv)
+    k = k_ref[pl.ds(start, block_kv), :]
+    v = v_ref[pl.ds(start, block_kv), :]
+    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=F32) * scale
+    s = blocks.softcap_logits(s, softcap)
+    k_pos = base + start + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
+    mask = (k_pos >= lo) & (k_pos <= hi)
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_next), 0.0)
+    alpha = jnp.exp(m - m_next)
+    acc = alpha * acc + lax.dot_general(p.astype(v.dtype), v, NN_DIMS, preferred_element_type=F32)
+    return acc, m_next, alpha * l + jnp.sum(p, axis=1, keepdims=True)
+
+  init = (jnp.zeros(q.shape, F32), jnp.full((rows, 1), MASK_VALUE, F32),
+          jnp.zeros((rows, 1), F32))
+  acc, m, l = lax.fori_loop(0, num_blocks, body, init)
+  empty = l == 0.0
+  safe_l = jnp.where(empty, 1.0, l)
+  o_ref[...] = acc / safe_l
+  lse_ref[...] = jnp.where(empty, MASK_VALUE, m + jnp.log(safe_l))
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _row_tile(rows: int, kernel: str) -> int:
+  if kernel == "triton":
+    return max(16, pl.next_power_of_2(rows))
+  return blocks.round_up(rows, 8)
+
+
+def _compiler_params(kernel: str, head_dim: int):
+  if kernel == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+  try:
+    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def decode_attention(q_BxTxHxD: Array, k_cache_BxSxKxD: Array, v_cache_BxSxKxD: Array, *,
+                     q_positions_BxT: Array, kv_length_B: Optional[Array] = None,
+                     window: Optional[int] = None, softcap: Optional[float] = None,
+                     block_kv: int = 512, num_splits: int = 16, kernel: str = "tpu",
+                     interpret: Any = False) -> Array:
+  """Attention of T query tokens to a K/V cache (see the module docstring). Returns [B, T, H, D].
+
+  Args:
+    q_BxTxHxD: queries (RoPE already applied at their positions if the layer uses RoPE).
+    k_cache_BxSxKxD, v_cache_BxSxKxD: the cache; entry j holds the token at position j.
+    q_positions_BxT: absolute position of each query token (int).
+    kv_length_B: number of valid cache entries per sequence (default: all S).
+    window: sliding window W (keys ``pos - W + 1 .. pos``), or None for causal.
+    softcap: optional logit soft-cap.
+    block_kv: keys per inner tile (a multiple of 128 on TPU, a power of two >= 16 on GPU).
+    num_splits: maximum number of parallel chunks of the key axis (flash-decoding).
+    kernel: "tpu" (Mosaic; also the CPU interpret path) or "triton" (GPU).
+    interpret: False, True or ``pltpu.InterpretParams(...)``.
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  s, kv_heads = k_cache_BxSxKxD.shape[1], k_cache_BxSxKxD.shape[2]
+  groups = h // kv_heads
+  if h % kv_heads:
+    raise ValueError(f"query heads {h} are not a multiple of kv heads {kv_heads}")
+  block_kv = min(block_kv, blocks.round_up(s, 8 if kernel == "tpu" else 16))
+  if kernel == "triton":
+    block_kv = pl.next_power_of_2(block_kv)
+  s_pad = blocks.round_up(s, block_kv)  # Pads (copies) the cache only when S is not a multiple.
+  k2, v2 = (blocks.pad_axis(x, s_pad, axis=1).reshape(b, s_pad, kv_heads * d)
+            for x in (k_cache_BxSxKxD, v_cache_BxSxKxD))
+  splits = _largest_divisor_at_most(s_pad // block_kv, num_splits)
+  chunk = s_pad // splits
+
+  rows = t * groups
+  r_pad = _row_tile(rows, kernel)
+  q_rows = q_BxTxHxD.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 1, 3, 4)
+  q_rows = blocks.pad_axis(q_rows.reshape(b, kv_heads, rows, d), r_pad, axis=2)
+  pos = q_positions_BxT.astype(jnp.int32)
+  hi = pos if kv_length_B is None else jnp.minimum(pos, kv_length_B[:, None] - 1)
+  lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - (window - 1), 0)
+  # Row r = t * G + g; padded rows get an empty range (lo > hi).
+  lo_BxRx1, hi_BxRx1 = (blocks.pad_axis(jnp.repeat(x, groups, axis=1), r_pad, axis=1, value=v)
+                        [..., None] for x, v in ((lo, 1), (hi, 0)))
+
+  kernel_fn = functools.partial(_decode_kernel, block_kv=block_kv, num_blocks=chunk // block_kv,
+                                scale=d ** -0.5, softcap=softcap)
+  row_spec = pl.BlockSpec((None, r_pad, 1), lambda bi, ki, c: (bi, 0, 0))
+  cache_spec = pl.BlockSpec((None, chunk, d), lambda bi, ki, c: (bi, c, ki))
+  o_part, lse_part = pl.pallas_call(
+      kernel_fn,
+      grid=(b, kv_heads, splits),
+      in_specs=[pl.BlockSpec((None, None, r_pad, d), lambda bi, ki, c: (bi, ki, 0, 0)),
+                cache_spec, cache_spec, row_spec, row_spec],
+      out_specs=[pl.BlockSpec((None, None, None, r_pad, d), lambda bi, ki, c: (bi, ki, c, 0, 0)),
+                 pl.BlockSpec((None, None, None, r_pad, 1), lambda bi, ki, c: (bi, ki, c, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, d), F32),
+                 jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, 1), F32)],
+      compiler_params=_compiler_params(kernel, d),
+      interpret=interpret,
+      name="decode_attention",
+  )(q_rows, k2, v2, lo_BxRx1, hi_BxRx1)
+  return _combine_splits(o_part, lse_part, b, t, h, d, rows).astype(q_BxTxHxD.dtype)
+
+
+def _combine_splits(o_BxKxSxRxD: Array, lse_BxKxSxRx1: Array, b: int, t: int, h: int, d: int,
+                    rows: int) -> Array:
+  """Exact merge of per-split softmaxes: weights exp(lse_s - max_s lse)."""
+  weights = jnp.exp(lse_BxKxSxRx1 - jnp.max(lse_BxKxSxRx1, axis=2, keepdims=True))
+  o_BxKxRxD = jnp.sum(weights * o_BxKxSxRxD, axis=2) / jnp.sum(weights, axis=2)
+  kv_heads = o_BxKxRxD.shape[1]
+  o = o_BxKxRxD[:, :, :rows].reshape(b, kv_heads, t, h // kv_heads, d)
+  return o.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
