@@ -1,0 +1,369 @@
+"""Cached inference for every arch: chunked prefill with YOCO's early exit, decode, generation.
+
+The functions here run the *training* model's parameter tree unchanged: every layer calls the
+same Flax pieces (:class:`RMSNorm`, :class:`Projection`, :class:`SwiGLU`, :func:`apply_rope`, and
+``Model.embed`` / ``Model.logits``) on the same param sub-trees; only the attention is replaced by
+its cached form (:mod:`yocou_jax.inference.attention`).
+
+A batch holds sequences of different lengths, right-padded: sequence b's token p sits at position
+p (RoPE and windows use it) and ``DecodeState.lengths[b]`` says how many tokens its cache holds.
+
+* :func:`forward_chunk`: C tokens per sequence at positions ``lengths + [0, C)``. yoco/yocou run
+  the self-decoder (T iterations, one ring buffer per (iteration, layer)) and write the global
+  K/V; the other archs run all their layers against full buffers.
+* prefill = forward_chunk over the prompt in chunks of ``chunk_size`` (bounded memory), then, for
+  yoco/yocou, the cross-decoder over the last prompt token only (the early exit), then logits.
+* decode = forward_chunk of one token (plus the cross-decoder for that token), then logits.
+
+:class:`Engine` jits these (one compile per shape, the state donated) and generates text.
+``num_iterations`` may differ from training (test-time depth): ``cfg.replace(num_iterations=6)``
+runs the same params with 6 loops and 6 ring buffers per self-decoder layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yocou_jax import sharding as sharding_lib
+from yocou_jax.config import ModelConfig
+from yocou_jax.inference import attention as attn_lib
+from yocou_jax.inference import cache as cache_lib
+from yocou_jax.inference import sampling as sampling_lib
+from yocou_jax.layers import Projection, RMSNorm, SwiGLU, apply_rope
+from yocou_jax.model import Model
+
+Array = jax.Array
+Params = Any
+
+_Q_AXES = ("embed", "q_heads", "head_dim")
+_KV_AXES = ("embed", "kv_heads", "head_dim")
+_OUT_AXES = ("q_heads", "head_dim", "embed")
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything a decode step carries: the K/V cache and how many tokens each sequence has."""
+
+  cache: cache_lib.Cache
+  lengths: Array  # [B] int32: tokens in the cache per sequence (= the next token's position).
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Inference knobs that do not change the model."""
+
+  chunk_size: int = 512  # Prefill tokens per chunk (per sequence): bounds prefill memory.
+  block_size: int = 512  # Key block of cached full attention; query sub-block of window attention.
+
+
+def init_state(cfg: ModelConfig, batch: int, max_len: int) -> DecodeState:
+  return DecodeState(cache=cache_lib.init_cache(cfg, batch, max_len),
+                     lengths=jnp.zeros((batch,), jnp.int32))
+
+
+# --- layers on the training param tree ----------------------------------------------------------
+
+def _apply(module, params: Params, *args) -> Array:
+  return module.apply({"params": params}, *args)
+
+
+def _qkv(cfg: ModelConfig, p: Params, h_BxCxD: Array, positions_BxC: Array):
+  heads, kv = (cfg.num_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+  q = _apply(Projection(cfg, heads, _Q_AXES), p["query"], h_BxCxD)
+  k = _apply(Projection(cfg, kv, _KV_AXES), p["key"], h_BxCxD)
+  v_BxCxKxD = _apply(Projection(cfg, kv, _KV_AXES), p["value"], h_BxCxD)
+  return (apply_rope(q, positions_BxC, cfg.rope_theta),
+          apply_rope(k, positions_BxC, cfg.rope_theta), v_BxCxKxD)
+
+
+def _attention_out(cfg: ModelConfig, p: Params, out_BxCxHxD: Array) -> Array:
+  return _apply(Projection(cfg, (cfg.d_model,), _OUT_AXES, in_axes=2), p["out"], out_BxCxHxD)
+
+
+def _feed_forward(cfg: ModelConfig, lp: Params, x_BxCxD: Array) -> Array:
+  return x_BxCxD + _apply(SwiGLU(cfg), lp["mlp"], _apply(RMSNorm(cfg), lp["mlp_norm"], x_BxCxD))
+
+
+def _positions(lengths_B: Array, c: int) -> Array:
+  return lengths_B[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
+
+
+def _loop_indices(iterations: int, num_layers: int) -> tuple[Array, Array]:
+  """(iteration, layer) of every layer application, in execution order."""
+  t, l = np.meshgrid(np.arange(iterations), np.arange(num_layers), indexing="ij")
+  return jnp.asarray(t.ravel(), jnp.int32), jnp.asarray(l.ravel(), jnp.int32)
+
+
+def _layer_params(stack: Params, l: Array) -> Params:
+  return jax.tree.map(lambda w: w[l], stack)
+
+
+def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, kv: dict, lengths_B: Array,
+                  counts_B: Array, opts: Options):
+  """The self-decoder: (L/2 SWA layers) x T, ring buffer kv[t, l] per application."""
+  positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
+
+  def step(carry, tl):
+    x, ring_k, ring_v = carry
+    t, l = tl
+    lp = _layer_params(stack, l)
+    q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x), positions_BxC)
+    out, new_k, new_v = attn_lib.window_attention(
+        q, k, v, ring_k[t, l], ring_v[t, l], lengths_B, counts_B, window=cfg.window,
+        block_size=opts.block_size)
+    x = _feed_forward(cfg, lp, x + _attention_out(cfg, lp["attn"], out))
+    return (x, ring_k.at[t, l].set(new_k), ring_v.at[t, l].set(new_v)), None
+
+  iterations = kv["k"].shape[0]
+  (x_BxCxD, k, v), _ = jax.lax.scan(step, (x_BxCxD, kv["k"], kv["v"]),
+                                    _loop_indices(iterations, kv["k"].shape[1]))
+  return x_BxCxD, {"k": k, "v": v}
+
+
+def _write(buffer: Array, index: tuple, positions_BxC: Array, x_BxCxKxD: Array) -> Array:
+  """buffer[*index, b, positions[b, i]] = x[b, i]; positions past the buffer are dropped."""
+  b_Bx1 = jnp.arange(x_BxCxKxD.shape[0])[:, None]
+  return buffer.at[(*index, b_Bx1, positions_BxC)].set(x_BxCxKxD, mode="drop")
+
+
+def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, kv: dict, lengths_B: Array,
+                opts: Options):
+  """Causal layers (x T for looped blocks) against full buffers kv[t, l] ([B, S, K, D] each)."""
+  positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
+
+  def step(carry, tl):
+    x, cache_k, cache_v = carry
+    t, l = tl
+    lp = _layer_params(stack, l)
+    q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x), positions_BxC)
+    cache_k = _write(cache_k, (t, l), positions_BxC, k)
+    cache_v = _write(cache_v, (t, l), positions_BxC, v)
+    out = attn_lib.cache_attention(q, positions_BxC, cache_k, cache_v, (t, l),
+                                   block_size=opts.block_size, impl=cfg.attention_impl)
+    x = _feed_forward(cfg, lp, x + _attention_out(cfg, lp["attn"], out))
+    return (x, cache_k, cache_v), None
+
+  (x_BxCxD, k, v), _ = jax.lax.scan(step, (x_BxCxD, kv["k"], kv["v"]),
+                                    _loop_indices(*kv["k"].shape[:2]))
+  return x_BxCxD, {"k": k, "v": v}
+
+
+def _global_kv(cfg: ModelConfig, p: Params, x_BxCxD: Array, positions_BxC: Array):
+  """YOCO's K = norm(x) W_K, V = norm(x) W_V (RoPE on K only with cross_rope)."""
+  kv = (cfg.num_kv_heads, cfg.head_dim)
+  h = _apply(RMSNorm(cfg), p["norm"], x_BxCxD)
+  k = _apply(Projection(cfg, kv, _KV_AXES), p["key"], h)
+  v_BxCxKxD = _apply(Projection(cfg, kv, _KV_AXES), p["value"], h)
+  if cfg.cross_rope:
+    k = apply_rope(k, positions_BxC, cfg.rope_theta)
+  return k, v_BxCxKxD
+
+
+def cross_decode(params: Params, cfg: ModelConfig, global_kv: dict, x_BxCxD: Array,
+                 positions_BxC: Array, opts: Options) -> Array:
+  """The cross-decoder for queries at ``positions`` over the global K/V buffer (keys j <= p)."""
+
+  def step(x, lp):
+    h = _apply(RMSNorm(cfg), lp["attn_norm"], x)
+    q = _apply(Projection(cfg, (cfg.num_heads, cfg.head_dim), _Q_AXES), lp["query"], h)
+    if cfg.cross_rope:
+      q = apply_rope(q, positions_BxC, cfg.rope_theta)
+    out = attn_lib.cache_attention(q, positions_BxC, global_kv["k"], global_kv["v"],
+                                   block_size=opts.block_size, impl=cfg.attention_impl)
+    return _feed_forward(cfg, lp, x + _attention_out(cfg, lp, out)), None
+
+  x_BxCxD, _ = jax.lax.scan(step, x_BxCxD, params["cross_decoder"]["layers"])
+  return x_BxCxD
+
+
+# --- the model, chunk by chunk ----------------------------------------------------------------
+
+def forward_chunk(params: Params, state: DecodeState, tokens_BxC: Array, counts_B: Array, *,
+                  cfg: ModelConfig, opts: Options) -> tuple[Array, DecodeState]:
+  """Feeds ``counts_B`` (<= C) tokens per sequence; returns the last hidden state computed.
+
+  For yoco/yocou that is the self-decoder's output (the cross-decoder runs separately, on the
+  tokens whose logits are needed); for the other archs the final layer's output.
+  """
+  lengths_B, cache = state.lengths, dict(state.cache)
+  x_BxCxD = Model(cfg).apply({"params": params}, tokens_BxC, method=Model.embed)
+  if cfg.is_decoder_decoder:
+    x_BxCxD, cache["self_decoder"] = _window_stack(
+        cfg, params["self_decoder"]["stack"]["layers"], x_BxCxD, cache["self_decoder"],
+        lengths_B, counts_B, opts)
+    positions_BxC = _positions(lengths_B, tokens_BxC.shape[1])
+    k, v = _global_kv(cfg, params["global_kv"], x_BxCxD, positions_BxC)
+    cache["global_kv"] = {"k": _write(cache["global_kv"]["k"], (), positions_BxC, k),
+                          "v": _write(cache["global_kv"]["v"], (), positions_BxC, v)}
+  else:
+    for group in ("recursive", "decoder"):
+      if group in cache:
+        x_BxCxD, cache[group] = _full_stack(cfg, params[group]["stack"]["layers"], x_BxCxD,
+                                            cache[group], lengths_B, opts)
+  return x_BxCxD, DecodeState(cache=cache_lib.constrain(cache), lengths=lengths_B + counts_B)
+
+
+def _head(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
+          cfg: ModelConfig, opts: Options) -> Array:
+  """Cross-decoder (yoco/yocou) and output head: float32 logits [B, C, V]."""
+  if cfg.is_decoder_decoder:
+    x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"], x_BxCxD, positions_BxC, opts)
+  return Model(cfg).apply({"params": params}, x_BxCxD, method=Model.logits)
+
+
+def prefill_chunk(params: Params, state: DecodeState, last_x_BxD: Array, tokens_BxC: Array,
+                  counts_B: Array, *, cfg: ModelConfig, opts: Options):
+  """One prefill chunk; keeps the hidden state of each sequence's latest real token."""
+  x_BxCxD, state = forward_chunk(params, state, tokens_BxC, counts_B, cfg=cfg, opts=opts)
+  latest_BxD = jnp.take_along_axis(x_BxCxD, jnp.maximum(counts_B - 1, 0)[:, None, None], 1)[:, 0]
+  return state, jnp.where((counts_B > 0)[:, None], latest_BxD, last_x_BxD)
+
+
+def prefill_logits(params: Params, state: DecodeState, last_x_BxD: Array, *, cfg: ModelConfig,
+                   opts: Options) -> Array:
+  """Logits [B, V] at each prompt's last token; yoco/yocou run the cross-decoder there only."""
+  positions_Bx1 = (state.lengths - 1)[:, None]
+  return _head(params, state, last_x_BxD[:, None], positions_Bx1, cfg=cfg, opts=opts)[:, 0]
+
+
+def decode_step(params: Params, state: DecodeState, tokens_B: Array, *, cfg: ModelConfig,
+                opts: Options) -> tuple[Array, DecodeState]:
+  """Feeds one token per sequence; returns its logits [B, V] and the advanced state."""
+  positions_Bx1 = state.lengths[:, None]
+  x_Bx1xD, state = forward_chunk(params, state, tokens_B[:, None], jnp.ones_like(state.lengths),
+                                 cfg=cfg, opts=opts)
+  return _head(params, state, x_Bx1xD, positions_Bx1, cfg=cfg, opts=opts)[:, 0], state
+
+
+# --- jitted engine ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Generation:
+  """Continuations (stop token included when one ended it) and timings."""
+
+  tokens: list[list[int]]
+  prefill_seconds: float
+  decode_seconds: float
+  prompt_tokens: int
+  decode_steps: int
+  cache_bytes: int
+
+  @property
+  def prefill_tokens_per_sec(self) -> float:
+    return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+  @property
+  def decode_tokens_per_sec(self) -> float:
+    return self.decode_steps * len(self.tokens) / max(self.decode_seconds, 1e-9)
+
+
+class Engine:
+  """Jitted prefill and decode for one config (the cache state is donated to every step).
+
+  With a ``mesh``, the cache is sharded by its logical names under ``rules`` (batch over the data
+  axes, kv heads over 'tensor'); params should already be placed on that mesh.
+  """
+
+  def __init__(self, cfg: ModelConfig, opts: Options = Options(), *,
+               mesh: Optional[jax.sharding.Mesh] = None, rules=sharding_lib.LOGICAL_AXIS_RULES):
+    self.cfg, self.opts, self.mesh, self.rules = cfg, opts, mesh, rules
+    static = dict(cfg=cfg, opts=opts)
+    self._chunk = jax.jit(functools.partial(prefill_chunk, **static), donate_argnums=(1, 2))
+    self._logits = jax.jit(functools.partial(prefill_logits, **static))
+    self._decode = jax.jit(functools.partial(decode_step, **static), donate_argnums=(1,))
+    self._sample_step = jax.jit(self._decode_and_sample, static_argnums=(4,),
+                                donate_argnums=(1,))
+
+  def scope(self) -> contextlib.AbstractContextManager:
+    """The mesh and logical-axis rules every jitted call runs under (nothing without a mesh)."""
+    stack = contextlib.ExitStack()
+    if self.mesh is not None:
+      stack.enter_context(jax.set_mesh(self.mesh))
+      stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def state_shardings(self, batch: int, max_len: int) -> Optional[DecodeState]:
+    if self.mesh is None:
+      return None
+    abstract = jax.eval_shape(init_state, self.cfg, batch, max_len)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+    return DecodeState(cache=cache_lib.shardings(abstract.cache, self.mesh, self.rules),
+                       lengths=replicated)
+
+  def init_state(self, batch: int, max_len: int) -> DecodeState:
+    make = functools.partial(init_state, self.cfg, batch, max_len)
+    with self.scope():
+      return jax.jit(make, out_shardings=self.state_shardings(batch, max_len))()
+
+  def prefill(self, params: Params, prompts_BxP: Array, lengths_B: Array,
+              max_len: int) -> tuple[Array, DecodeState]:
+    """Right-padded prompts (lengths_B >= 1 real tokens each) -> (last-token logits, state)."""
+    prompts_BxP = np.asarray(prompts_BxP, np.int32)
+    lengths_B = np.asarray(lengths_B, np.int32)
+    b, p = prompts_BxP.shape
+    if lengths_B.min() < 1 or lengths_B.max() > min(p, max_len):
+      raise ValueError(f"prompt lengths {lengths_B.tolist()} must be in [1, {min(p, max_len)}]")
+    c = min(self.opts.chunk_size, p)
+    padded = np.zeros((b, -(-p // c) * c), np.int32)
+    padded[:, :p] = prompts_BxP
+    state = self.init_state(b, max_len)
+    with self.scope():
+      last_x = jnp.zeros((b, self.cfg.d_model), self.cfg.compute_dtype)
+      for start in range(0, int(lengths_B.max()), c):
+        counts = np.clip(lengths_B - start, 0, c).astype(np.int32)
+        state, last_x = self._chunk(params, state, last_x, padded[:, start:start + c], counts)
+      return self._logits(params, state, last_x), state
+
+  def decode(self, params: Params, state: DecodeState, tokens_B: Array):
+    """(logits [B, V], state) after feeding one token per sequence; ``state`` is donated."""
+    with self.scope():
+      return self._decode(params, state, np.asarray(tokens_B, np.int32))
+
+  def _decode_and_sample(self, params, state, tokens_B, rng, sampling):
+    logits_BxV, state = decode_step(params, state, tokens_B, cfg=self.cfg, opts=self.opts)
+    return sampling_lib.sample(logits_BxV, rng, sampling), state
+
+  def generate(self, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+               sampling: sampling_lib.SamplingConfig = sampling_lib.SamplingConfig(),
+               rng: Optional[Array] = None, stop_tokens: Sequence[int] = (),
+               max_len: Optional[int] = None) -> Generation:
+    """Samples up to ``max_new_tokens`` per prompt; a sequence stops after a stop token."""
+    rng = jax.random.key(0) if rng is None else rng
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    prompts_BxP = np.zeros((len(prompts), lengths.max()), np.int32)
+    for b, prompt in enumerate(prompts):
+      prompts_BxP[b, :len(prompt)] = prompt
+    max_len = max_len or int(lengths.max()) + max_new_tokens
+    start = time.perf_counter()
+    logits_BxV, state = self.prefill(params, prompts_BxP, lengths, max_len)
+    rng, key = jax.random.split(rng)
+    tokens_B = np.asarray(sampling_lib.sample(logits_BxV, key, sampling))
+    prefill_s = time.perf_counter() - start
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    stops = np.asarray(list(stop_tokens), np.int32)
+    start, steps = time.perf_counter(), 0
+    for i in range(max_new_tokens):
+      for b in np.flatnonzero(~done):
+        outputs[b].append(int(tokens_B[b]))
+      done |= np.isin(tokens_B, stops)
+      if done.all() or i == max_new_tokens - 1:
+        break
+      rng, key = jax.random.split(rng)
+      with self.scope():
+        next_B, state = self._sample_step(params, state, tokens_B, key, sampling)
+      tokens_B, steps = np.asarray(next_B), steps + 1
+    return Generation(tokens=outputs, prefill_seconds=prefill_s,
+                      decode_seconds=time.perf_counter() - start,
+                      prompt_tokens=int(lengths.sum()), decode_steps=steps,
+                      cache_bytes=cache_lib.cache_bytes(state.cache))
