@@ -188,3 +188,19 @@ def pad_axis(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
 
 def padded_length(n: int, block_q: int, block_kv: int) -> int:
   return round_up(n, math.lcm(block_q, block_kv))
+
+
+def pad_segments(q_segment_ids_BxN, kv_segment_ids_BxN, length: int):
+  """Int32 segment ids padded to ``length`` (keys default to the query ids).
+
+  The pad value is irrelevant: padded keys come after every real query, so causality hides
+  them, and padded query rows are sliced off.
+  """
+  if q_segment_ids_BxN is None:
+    if kv_segment_ids_BxN is not None:
+      raise ValueError("kv_segment_ids needs segment_ids for the queries")
+    return None, None
+  q_seg = pad_axis(q_segment_ids_BxN.astype(jnp.int32), length, axis=1, value=-1)
+  if kv_segment_ids_BxN is None:
+    return q_seg, q_seg
+  return q_seg, pad_axis(kv_segment_ids_BxN.astype(jnp.int32), length, axis=1, value=-1)

@@ -63,19 +63,19 @@ def _block_mask(band: Band, q_start, kv_start, shape, q_seg, kv_seg, transposed=
   return mask
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, band: Band, scale: float,
-                softcap: Optional[float]):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, band: Band,
+                scale: float, softcap: Optional[float]):
   i = pl.program_id(0)
   bq, bk = band.block_q, band.block_kv
   q = q_ref[...]
-  q_seg = None if seg_ref is None else seg_ref[pl.ds(i * bq, bq)]
+  q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq)]
 
   def body(j, carry):
     acc, m, l = carry
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
     s = blocks.softcap_logits(_dot(q, k, NT_DIMS) * scale, softcap)
-    kv_seg = None if seg_ref is None else seg_ref[pl.ds(j * bk, bk)]
+    kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * bk, bk)]
     mask = _block_mask(band, i * bq, j * bk, (bq, bk), q_seg, kv_seg)
     s = jnp.where(mask, s, MASK_VALUE)
     m_next = jnp.maximum(m, jnp.max(s, axis=1))
@@ -92,19 +92,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, band: Band, sca
   lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(safe_l))
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, seg_ref, dq_ref, *, band: Band,
-               scale: float, softcap: Optional[float]):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref, dq_ref, *,
+               band: Band, scale: float, softcap: Optional[float]):
   i = pl.program_id(0)
   bq, bk = band.block_q, band.block_kv
   q, do = q_ref[...], do_ref[...]
   lse, di = lse_ref[...], di_ref[...]
-  q_seg = None if seg_ref is None else seg_ref[pl.ds(i * bq, bq)]
+  q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq)]
 
   def body(j, dq):
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
     s = blocks.softcap_logits(_dot(q, k, NT_DIMS) * scale, softcap)
-    kv_seg = None if seg_ref is None else seg_ref[pl.ds(j * bk, bk)]
+    kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * bk, bk)]
     mask = _block_mask(band, i * bq, j * bk, (bq, bk), q_seg, kv_seg)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dp = _dot(do, v, NT_DIMS)
@@ -115,12 +115,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, seg_ref, dq_ref, *,
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, seg_ref, dk_ref, dv_ref, *,
-                band: Band, scale: float, softcap: Optional[float], groups: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref, dk_ref,
+                dv_ref, *, band: Band, scale: float, softcap: Optional[float], groups: int):
   j = pl.program_id(0)
   bq, bk = band.block_q, band.block_kv
   k, v = k_ref[...], v_ref[...]
-  kv_seg = None if seg_ref is None else seg_ref[pl.ds(j * bk, bk)]
+  kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * bk, bk)]
 
   def query_block(g, i, carry):
     dk, dv = carry
@@ -128,7 +128,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, seg_ref, dk_ref, d
     q, do = q_ref[rows, g, :], do_ref[rows, g, :]
     lse, di = lse_ref[g, rows], di_ref[g, rows]
     s_t = blocks.softcap_logits(_dot(k, q, NT_DIMS) * scale, softcap)  # [bk, bq]
-    q_seg = None if seg_ref is None else seg_ref[rows]
+    q_seg = None if qseg_ref is None else qseg_ref[rows]
     mask_t = _block_mask(band, i * bq, j * bk, (bk, bq), q_seg, kv_seg, transposed=True)
     p_t = jnp.where(mask_t, jnp.exp(s_t - lse[None, :]), 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do)
@@ -159,14 +159,14 @@ def plan(n: int, cfg: blocks.FlashConfig) -> tuple[Band, Band]:
   return Band(length, fwd_q, fwd_kv, cfg.window), Band(length, bwd_q, bwd_kv, cfg.window)
 
 
-def _segments_spec(segment_ids: Optional[Array], length: int, index_map):
-  if segment_ids is None:
-    return None
-  return pl.BlockSpec((None, length), index_map)
+def _segments_specs(segment_ids: Optional[Array], length: int, index_map) -> list:
+  spec = None if segment_ids is None else pl.BlockSpec((None, length), index_map)
+  return [spec, spec]
 
 
 def flash_forward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
-                  segment_ids_BxN: Optional[Array], *, band: Band, scale: float,
+                  q_seg_BxN: Optional[Array], kv_seg_BxN: Optional[Array], *, band: Band,
+                  scale: float,
                   softcap: Optional[float], interpret) -> tuple[Array, Array]:
   """Output [B, N, H, D] and logsumexp [B, H, N] (float32) on padded inputs."""
   b, n, h, d = q_BxNxHxD.shape
@@ -178,18 +178,19 @@ def flash_forward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
       functools.partial(_fwd_kernel, band=band, scale=scale, softcap=softcap),
       grid=(band.num_q_blocks, b, h),
       in_specs=[q_spec, kv_spec, kv_spec,
-                _segments_spec(segment_ids_BxN, n, lambda i, bi, hi: (bi, 0))],
+                *_segments_specs(q_seg_BxN, n, lambda i, bi, hi: (bi, 0))],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BxNxHxD.shape, q_BxNxHxD.dtype),
                  jax.ShapeDtypeStruct((b, h, n), F32)],
       compiler_params=_compiler_params(d, num_stages=3),
       interpret=interpret,
       name="local_attention_fwd_triton",
-  )(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN)
+  )(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, q_seg_BxN, kv_seg_BxN)
 
 
 def flash_backward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
-                   segment_ids_BxN: Optional[Array], o_BxNxHxD: Array, lse_BxHxN: Array,
+                   q_seg_BxN: Optional[Array], kv_seg_BxN: Optional[Array], o_BxNxHxD: Array,
+                   lse_BxHxN: Array,
                    do_BxNxHxD: Array, *, band: Band, scale: float, softcap: Optional[float],
                    interpret) -> tuple[Array, Array, Array]:
   b, n, h, d = q_BxNxHxD.shape
@@ -205,13 +206,13 @@ def flash_backward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
       functools.partial(_dq_kernel, band=band, scale=scale, softcap=softcap),
       grid=(band.num_q_blocks, b, h),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                _segments_spec(segment_ids_BxN, n, lambda i, bi, hi: (bi, 0))],
+                *_segments_specs(q_seg_BxN, n, lambda i, bi, hi: (bi, 0))],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q_BxNxHxD.shape, q_BxNxHxD.dtype),
       compiler_params=_compiler_params(d, num_stages=2),
       interpret=interpret,
       name="attention_bwd_dq_triton",
-  )(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, do_BxNxHxD, lse_BxHxN, di_BxHxN, segment_ids_BxN)
+  )(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, do_BxNxHxD, lse_BxHxN, di_BxHxN, q_seg_BxN, kv_seg_BxN)
 
   group_spec = pl.BlockSpec((None, n, groups, d), lambda j, bi, ki: (bi, 0, ki, 0))
   group_rows = pl.BlockSpec((None, groups, n), lambda j, bi, ki: (bi, ki, 0))
@@ -220,14 +221,14 @@ def flash_backward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
       functools.partial(_dkv_kernel, band=band, scale=scale, softcap=softcap, groups=groups),
       grid=(band.num_kv_blocks, b, kv_heads),
       in_specs=[group_spec, kv_block, kv_block, group_spec, group_rows, group_rows,
-                _segments_spec(segment_ids_BxN, n, lambda j, bi, ki: (bi, 0))],
+                *_segments_specs(q_seg_BxN, n, lambda j, bi, ki: (bi, 0))],
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k_BxNxKxD.shape, k_BxNxKxD.dtype),
                  jax.ShapeDtypeStruct(v_BxNxKxD.shape, v_BxNxKxD.dtype)],
       compiler_params=_compiler_params(d, num_stages=2),
       interpret=interpret,
       name="attention_bwd_dkv_triton",
-  )(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, do_BxNxHxD, lse_BxHxN, di_BxHxN, segment_ids_BxN)
+  )(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, do_BxNxHxD, lse_BxHxN, di_BxHxN, q_seg_BxN, kv_seg_BxN)
   return dq, dk, dv
 
 
@@ -240,25 +241,24 @@ def _pad(x_BxNxHxD: Array, length: int, head_dim: int) -> Array:
 
 
 def forward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
-            segment_ids_BxN: Optional[Array], cfg: blocks.FlashConfig):
+            segment_ids_BxN: Optional[Array], kv_segment_ids_BxN: Optional[Array],
+            cfg: blocks.FlashConfig):
   n, d = q_BxNxHxD.shape[1], q_BxNxHxD.shape[3]
   fwd_band, _ = plan(n, cfg)
   d_pad = max(MIN_TILE, pl.next_power_of_2(d))
   q, k, v = (_pad(x, fwd_band.length, d_pad) for x in (q_BxNxHxD, k_BxNxKxD, v_BxNxKxD))
-  seg = None
-  if segment_ids_BxN is not None:
-    seg = blocks.pad_axis(segment_ids_BxN.astype(jnp.int32), fwd_band.length, axis=1, value=-1)
-  o, lse = flash_forward(q, k, v, seg, band=fwd_band, scale=d ** -0.5, softcap=cfg.softcap,
-                         interpret=cfg.interpret)
-  return o[:, :n, :, :d], (q, k, v, seg, o, lse)
+  q_seg, kv_seg = blocks.pad_segments(segment_ids_BxN, kv_segment_ids_BxN, fwd_band.length)
+  o, lse = flash_forward(q, k, v, q_seg, kv_seg, band=fwd_band, scale=d ** -0.5,
+                         softcap=cfg.softcap, interpret=cfg.interpret)
+  return o[:, :n, :, :d], (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def backward(cfg: blocks.FlashConfig, residuals, do_BxNxHxD: Array):
-  q, k, v, seg, o, lse = residuals
+  q, k, v, q_seg, kv_seg, o, lse = residuals
   n, d = do_BxNxHxD.shape[1], do_BxNxHxD.shape[3]
   _, bwd_band = plan(n, cfg)
   do = _pad(do_BxNxHxD.astype(q.dtype), bwd_band.length, q.shape[3])
-  grads = flash_backward(q, k, v, seg, o, lse, do, band=bwd_band, scale=d ** -0.5,
+  grads = flash_backward(q, k, v, q_seg, kv_seg, o, lse, do, band=bwd_band, scale=d ** -0.5,
                          softcap=cfg.softcap, interpret=cfg.interpret)
   return tuple(g[:, :n, :, :d] for g in grads)
 

@@ -53,19 +53,27 @@ F32 = jnp.float32
 
 
 class Segments(NamedTuple):
-  """Segment ids [B, N] in the two layouts the kernels read."""
+  """Query and key segment ids [B, N] in the two layouts the kernels read."""
 
-  col_BxNxL: Array  # Replicated along lanes: a block is [rows, 128].
-  row_Bx8xN: Array  # Replicated along sublanes: a block is [8, cols].
+  q_col_BxNxL: Array  # Query ids replicated along lanes: a block is [rows, 128].
+  kv_row_Bx8xN: Array  # Key ids replicated along sublanes: a block is [8, cols].
+  kv_col_BxNxL: Array  # The transposed pair, for the dk/dv kernel (keys on rows).
+  q_row_Bx8xN: Array
 
 
-def make_segments(segment_ids_BxN: Optional[Array]) -> Optional[Segments]:
-  if segment_ids_BxN is None:
+def make_segments(q_segment_ids_BxN: Optional[Array],
+                  kv_segment_ids_BxN: Optional[Array] = None) -> Optional[Segments]:
+  """Kernel layouts of the segment ids; keys default to the query ids (self attention)."""
+  if q_segment_ids_BxN is None:
     return None
-  seg = segment_ids_BxN.astype(jnp.int32)
-  b, n = seg.shape
-  return Segments(lax.broadcast_in_dim(seg, (b, n, LANES), (0, 1)),
-                  lax.broadcast_in_dim(seg, (b, SUBLANES, n), (0, 2)))
+  q_seg = q_segment_ids_BxN.astype(jnp.int32)
+  kv_seg = q_seg if kv_segment_ids_BxN is None else kv_segment_ids_BxN.astype(jnp.int32)
+  b, n = q_seg.shape
+  col = lambda x: lax.broadcast_in_dim(x, (b, n, LANES), (0, 1))  # pylint: disable=unnecessary-lambda-assignment
+  row = lambda x: lax.broadcast_in_dim(x, (b, SUBLANES, n), (0, 2))  # pylint: disable=unnecessary-lambda-assignment
+  q_col, q_row = col(q_seg), row(q_seg)
+  kv_col, kv_row = (q_col, q_row) if kv_seg is q_seg else (col(kv_seg), row(kv_seg))
+  return Segments(q_col, kv_row, kv_col, q_row)
 
 
 def _to_width(x_RxL: Array, width: int) -> Array:
@@ -153,7 +161,7 @@ def flash_forward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
     in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, s: (bi, i, 0)),
                  pl.BlockSpec((None, SUBLANES, bk),
                               lambda bi, hi, i, s: (bi, 0, band.kv_block(i, s)))]
-    args += [segments.col_BxNxL, segments.row_Bx8xN]
+    args += [segments.q_col_BxNxL, segments.kv_row_Bx8xN]
   kernel = functools.partial(_fwd_kernel, band=band, scale=d ** -0.5, softcap=softcap)
   if segments is None:
     kernel = _without_segments(kernel, num_inputs=3)
@@ -279,7 +287,7 @@ def flash_backward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
     in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, s: (bi, i, 0)),
                  pl.BlockSpec((None, SUBLANES, bk),
                               lambda bi, hi, i, s: (bi, 0, band.kv_block(i, s)))]
-    args += [segments.col_BxNxL, segments.row_Bx8xN]
+    args += [segments.q_col_BxNxL, segments.kv_row_Bx8xN]
   kernel = functools.partial(_dq_kernel, band=band, scale=scale, softcap=softcap)
   if segments is None:
     kernel = _without_segments(kernel, num_inputs=6)
@@ -311,7 +319,7 @@ def flash_backward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
     in_specs += [pl.BlockSpec((None, bk, LANES), lambda bi, ki, j, g, t: (bi, j, 0)),
                  pl.BlockSpec((None, SUBLANES, bq),
                               lambda bi, ki, j, g, t: (bi, 0, band.q_block(j, t)))]
-    args += [segments.col_BxNxL, segments.row_Bx8xN]
+    args += [segments.kv_col_BxNxL, segments.q_row_Bx8xN]
   kernel = functools.partial(_dkv_kernel, band=band, scale=scale, softcap=softcap, groups=groups)
   if segments is None:
     kernel = _without_segments(kernel, num_inputs=6)
@@ -352,15 +360,14 @@ def _model_layout(x_BxHxNxD: Array, n: int) -> Array:
 
 
 def forward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
-            segment_ids_BxN: Optional[Array], cfg: blocks.FlashConfig):
+            segment_ids_BxN: Optional[Array], kv_segment_ids_BxN: Optional[Array],
+            cfg: blocks.FlashConfig):
   """Output [B, N, H, D] and the residuals :func:`backward` needs."""
   n = q_BxNxHxD.shape[1]
   fwd_band, _ = plan(n, cfg)
   q, k, v = (_heads_major(x, fwd_band.length) for x in (q_BxNxHxD, k_BxNxKxD, v_BxNxKxD))
-  seg = None
-  if segment_ids_BxN is not None:
-    seg = blocks.pad_axis(segment_ids_BxN.astype(jnp.int32), fwd_band.length, axis=1, value=-1)
-  segments = make_segments(seg)
+  q_seg, kv_seg = blocks.pad_segments(segment_ids_BxN, kv_segment_ids_BxN, fwd_band.length)
+  segments = make_segments(q_seg, kv_seg)
   o, lse = flash_forward(q, k, v, segments, band=fwd_band, softcap=cfg.softcap,
                          interpret=cfg.interpret)
   return _model_layout(o, n), (q, k, v, segments, o, lse)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 MAX_CAUSAL_CHUNKS = 32  # causal_attention unrolls at most this many query chunks.
 
 
@@ -193,9 +193,20 @@ def self_attention(q, k, v, *, window: Optional[int], segment_ids, impl: str = "
 
   ``window=None`` is full causal attention (Transformer layers and the cross-decoder, whose
   queries attend to the one global K/V over the same positions); otherwise sliding-window.
+
+  ``impl``: ``xla`` (this module), ``pallas`` (the kernels in ``kernels/``: Mosaic on TPU,
+  Triton on GPU, and on a CPU backend the same TPU kernels in Pallas interpret mode, so
+  ``pallas`` runs the real kernel code in CPU tests), ``cudnn`` (GPU), or ``auto`` (pallas on
+  TPU and GPU, xla on CPU). See ``kernels.ops``.
   """
-  if impl != "xla":
+  if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; allowed: {ATTENTION_IMPLS}")
+  if impl != "xla":
+    from kernels import ops  # pylint: disable=g-import-not-at-top  # Pallas loads lazily.
+    impl = ops.resolve_impl(impl)
+    if impl != "xla":
+      return ops.self_attention(q, k, v, window=window, segment_ids=segment_ids, impl=impl,
+                                block_size=block_size)
   if window is None:
     return causal_attention(q, k, v, segment_ids=segment_ids, block_size=block_size)
   return local_attention(q, k, v, window=window, segment_ids=segment_ids, block_size=block_size)
