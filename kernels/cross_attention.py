@@ -124,11 +124,12 @@ def decode_attention(q_BxTxHxD: Array, k_cache_BxSxKxD: Array, v_cache_BxSxKxD: 
   if h % kv_heads:
     raise ValueError(f"query heads {h} are not a multiple of kv heads {kv_heads}")
   block_kv = min(block_kv, blocks.round_up(s, 8 if kernel == "tpu" else 16))
-  if kernel == "triton":
-    block_kv = pl.next_power_of_2(block_kv)
+  d_pad = d
+  if kernel == "triton":  # Power-of-two tiles; padding D copies the cache (use D = 64, 128).
+    block_kv, d_pad = pl.next_power_of_2(block_kv), max(16, pl.next_power_of_2(d))
   s_pad = blocks.round_up(s, block_kv)  # Pads (copies) the cache only when S is not a multiple.
-  k2, v2 = (blocks.pad_axis(x, s_pad, axis=1).reshape(b, s_pad, kv_heads * d)
-            for x in (k_cache_BxSxKxD, v_cache_BxSxKxD))
+  k2, v2 = (blocks.pad_axis(blocks.pad_axis(x, s_pad, axis=1), d_pad, axis=3)
+            .reshape(b, s_pad, kv_heads * d_pad) for x in (k_cache_BxSxKxD, v_cache_BxSxKxD))
   splits = _largest_divisor_at_most(s_pad // block_kv, num_splits)
   chunk = s_pad // splits
 
@@ -136,6 +137,7 @@ def decode_attention(q_BxTxHxD: Array, k_cache_BxSxKxD: Array, v_cache_BxSxKxD: 
   r_pad = _row_tile(rows, kernel)
   q_rows = q_BxTxHxD.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 1, 3, 4)
   q_rows = blocks.pad_axis(q_rows.reshape(b, kv_heads, rows, d), r_pad, axis=2)
+  q_rows = blocks.pad_axis(q_rows, d_pad, axis=3)
   pos = q_positions_BxT.astype(jnp.int32)
   hi = pos if kv_length_B is None else jnp.minimum(pos, kv_length_B[:, None] - 1)
   lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - (window - 1), 0)
@@ -146,21 +148,22 @@ def decode_attention(q_BxTxHxD: Array, k_cache_BxSxKxD: Array, v_cache_BxSxKxD: 
   kernel_fn = functools.partial(_decode_kernel, block_kv=block_kv, num_blocks=chunk // block_kv,
                                 scale=d ** -0.5, softcap=softcap)
   row_spec = pl.BlockSpec((None, r_pad, 1), lambda bi, ki, c: (bi, 0, 0))
-  cache_spec = pl.BlockSpec((None, chunk, d), lambda bi, ki, c: (bi, c, ki))
+  cache_spec = pl.BlockSpec((None, chunk, d_pad), lambda bi, ki, c: (bi, c, ki))
   o_part, lse_part = pl.pallas_call(
       kernel_fn,
       grid=(b, kv_heads, splits),
-      in_specs=[pl.BlockSpec((None, None, r_pad, d), lambda bi, ki, c: (bi, ki, 0, 0)),
+      in_specs=[pl.BlockSpec((None, None, r_pad, d_pad), lambda bi, ki, c: (bi, ki, 0, 0)),
                 cache_spec, cache_spec, row_spec, row_spec],
-      out_specs=[pl.BlockSpec((None, None, None, r_pad, d), lambda bi, ki, c: (bi, ki, c, 0, 0)),
+      out_specs=[pl.BlockSpec((None, None, None, r_pad, d_pad),
+                              lambda bi, ki, c: (bi, ki, c, 0, 0)),
                  pl.BlockSpec((None, None, None, r_pad, 1), lambda bi, ki, c: (bi, ki, c, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, d), F32),
+      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, d_pad), F32),
                  jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, 1), F32)],
       compiler_params=_compiler_params(kernel, d),
       interpret=interpret,
       name="decode_attention",
   )(q_rows, k2, v2, lo_BxRx1, hi_BxRx1)
-  return _combine_splits(o_part, lse_part, b, t, h, d, rows).astype(q_BxTxHxD.dtype)
+  return _combine_splits(o_part[..., :d], lse_part, b, t, h, d, rows).astype(q_BxTxHxD.dtype)
 
 
 def _combine_splits(o_BxKxSxRxD: Array, lse_BxKxSxRx1: Array, b: int, t: int, h: int, d: int,
