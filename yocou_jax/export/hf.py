@@ -1,0 +1,287 @@
+"""JAX parameters <-> Hugging Face tensor names, and the ``config.json`` of an export.
+
+Every parameter of the Flax model has exactly one Hugging Face tensor, found from its path:
+
+  embedding [V, D]                          model.embed_tokens.weight [V, D]
+  <stack>/layers/attn_norm/scale [L, D]      model.layers.{i}.input_layernorm.weight [D]
+  <stack>/layers/attn/query/kernel [L,D,H,Dh] model.layers.{i}.self_attn.q_proj.weight [H*Dh, D]
+  <stack>/layers/attn/out/kernel [L,H,Dh,D]  model.layers.{i}.self_attn.o_proj.weight [D, H*Dh]
+  <stack>/layers/mlp/gate/kernel [L, D, F]   model.layers.{i}.mlp.gate_proj.weight [F, D]
+  global_kv/key/kernel [D, K, Dh]            model.global_kv.k_proj.weight [K*Dh, D]
+  cross_decoder/layers/query/kernel          model.cross_layers.{i}.cross_attn.q_proj.weight
+  final_norm/scale, lm_head [D, V]           model.norm.weight, lm_head.weight [V, D]
+
+A kernel ``[in..., out...]`` becomes the PyTorch ``nn.Linear`` weight ``[prod(out), prod(in)]``
+(flatten, transpose); head axes flatten head-major, as Llama's ``view(B, N, H, Dh)`` expects.
+The stacked layer axis becomes the ``{i}`` of the name: the transformer, looped and yoco/yocou
+self-decoder stacks number their layers from 0, and rins numbers the recursive block 0..R-1 and
+the plain block R..L-1. A parameter that no rule names is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yocou_jax.config import ModelConfig
+from yocou_jax.model import Model
+
+YOCOU_MODEL_TYPE = "yocou"
+MODELING_FILE = "modeling_yocou.py"
+
+# Path of a stacked block of layers -> the Hugging Face prefix of its layers.
+_STACKS = {
+    ("decoder", "stack", "layers"): "model.layers",
+    ("recursive", "stack", "layers"): "model.layers",
+    ("self_decoder", "stack", "layers"): "model.layers",
+    ("cross_decoder", "layers"): "model.cross_layers",
+}
+
+_LAYER_LEAVES = {
+    ("attn_norm", "scale"): "input_layernorm.weight",
+    ("attn", "query", "kernel"): "self_attn.q_proj.weight",
+    ("attn", "key", "kernel"): "self_attn.k_proj.weight",
+    ("attn", "value", "kernel"): "self_attn.v_proj.weight",
+    ("attn", "out", "kernel"): "self_attn.o_proj.weight",
+    ("query", "kernel"): "cross_attn.q_proj.weight",  # Cross-decoder layers.
+    ("out", "kernel"): "cross_attn.o_proj.weight",
+    ("mlp_norm", "scale"): "post_attention_layernorm.weight",
+    ("mlp", "gate", "kernel"): "mlp.gate_proj.weight",
+    ("mlp", "up", "kernel"): "mlp.up_proj.weight",
+    ("mlp", "down", "kernel"): "mlp.down_proj.weight",
+}
+
+_TOP_LEAVES = {
+    ("embedding",): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head",): "lm_head.weight",
+    ("global_kv", "norm", "scale"): "model.global_kv.norm.weight",
+    ("global_kv", "key", "kernel"): "model.global_kv.k_proj.weight",
+    ("global_kv", "value", "kernel"): "model.global_kv.v_proj.weight",
+}
+
+
+class ExportError(ValueError):
+  """An export or import that cannot be done faithfully; the message names the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One Hugging Face tensor and the JAX parameter (or one layer of it) it comes from."""
+
+  name: str
+  path: tuple[str, ...]  # Path in the Flax params tree.
+  layer: Optional[int]  # Index along the stacked 'layers' axis, or None.
+  in_ndim: Optional[int]  # Input dims of a kernel (1 for [D, ...], 2 for [H, Dh, D]); None: copy.
+  jax_shape: tuple[int, ...]  # Shape of the JAX slice (without the layer axis).
+
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    if self.in_ndim is None:
+      return self.jax_shape
+    return (math.prod(self.jax_shape[self.in_ndim:]), math.prod(self.jax_shape[:self.in_ndim]))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """The params tree of ``cfg`` as ShapeDtypeStructs (nothing is allocated)."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return jax.eval_shape(
+      lambda: nn.meta.unbox(Model(cfg).init(jax.random.key(0), tokens)["params"]))
+
+
+def _kernel_in_ndim(path: tuple[str, ...]) -> Optional[int]:
+  if path[-1] == "lm_head":
+    return 1
+  if path[-1] != "kernel":
+    return None
+  return 2 if path[-2] == "out" else 1
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+  """Every Hugging Face tensor of ``cfg``'s model, in a stable order."""
+  specs = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
+    path = tuple(k.key for k in key_path)
+    in_ndim = _kernel_in_ndim(path)
+    if path in _TOP_LEAVES:
+      specs.append(TensorSpec(_TOP_LEAVES[path], path, None, in_ndim, tuple(leaf.shape)))
+      continue
+    stack = next((s for s in _STACKS if path[:len(s)] == s), None)
+    rest = path[len(stack):] if stack else None
+    if stack is None or rest not in _LAYER_LEAVES:
+      raise ExportError(f"parameter {'/'.join(path)} {leaf.shape} has no Hugging Face name: "
+                        "the exporter does not know this part of the model")
+    offset = cfg.num_recursive_layers if cfg.arch == "rins" and stack[0] == "decoder" else 0
+    for i in range(leaf.shape[0]):
+      name = f"{_STACKS[stack]}.{offset + i}.{_LAYER_LEAVES[rest]}"
+      specs.append(TensorSpec(name, path, i, in_ndim, tuple(leaf.shape[1:])))
+  return sorted(specs, key=lambda s: _natural_key(s.name))
+
+
+def _natural_key(name: str) -> list:
+  return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def params_to_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
+  """Flax params -> {Hugging Face name: float32 numpy array in PyTorch layout}."""
+  tensors = {}
+  for spec in tensor_specs(cfg):
+    x = np.asarray(_get(params, spec.path), np.float32)
+    if spec.layer is not None:
+      x = x[spec.layer]
+    if x.shape != spec.jax_shape:
+      raise ExportError(f"parameter {'/'.join(spec.path)} has shape {x.shape}, the config "
+                        f"expects {spec.jax_shape}")
+    if spec.in_ndim is not None:
+      x = x.reshape(spec.hf_shape[1], spec.hf_shape[0]).T
+    tensors[spec.name] = np.ascontiguousarray(x)
+  return tensors
+
+
+def check_tensor_names_and_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
+                                  source: str) -> None:
+  """Refuses tensors that are missing, unexpected or of the wrong shape, naming the first."""
+  expected = {s.name: s.hf_shape for s in tensor_specs(cfg)}
+  missing = sorted(set(expected) - set(shapes), key=_natural_key)
+  if missing:
+    raise ExportError(f"{source}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+  unexpected = sorted(set(shapes) - set(expected), key=_natural_key)
+  if unexpected:
+    raise ExportError(f"{source}: unexpected tensor {unexpected[0]} (not in a {cfg.arch} model "
+                      f"with this config; {len(unexpected)} unexpected in all)")
+  for name, shape in expected.items():
+    if tuple(shapes[name]) != shape:
+      raise ExportError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, the config "
+                        f"expects {shape}")
+
+
+def tensors_to_params(cfg: ModelConfig, tensors: dict[str, Any], source: str = "tensors") -> Any:
+  """{Hugging Face name: array} -> Flax params (float32 numpy); names and shapes are checked."""
+  check_tensor_names_and_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+  layers: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  for spec in tensor_specs(cfg):
+    x = np.asarray(tensors[spec.name], np.float32)
+    if spec.in_ndim is not None:
+      x = x.T.reshape(spec.jax_shape)
+    if spec.layer is None:
+      flat[spec.path] = x
+    else:
+      layers.setdefault(spec.path, {})[spec.layer] = x
+  for path, by_layer in layers.items():
+    flat[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+  params: dict[str, Any] = {}
+  for path, x in flat.items():
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = x
+  return params
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+def _common_config(cfg: ModelConfig, *, dtype: str, max_position_embeddings: int,
+                   special_ids: dict[str, Optional[int]]) -> dict[str, Any]:
+  return {
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.d_ff,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps,
+      "max_position_embeddings": max_position_embeddings,
+      "initializer_range": cfg.init_std,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "use_cache": True,
+      "dtype": dtype,
+      **{f"{k}_token_id": v for k, v in special_ids.items()},
+  }
+
+
+def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_position_embeddings: int = 2048,
+              special_ids: Optional[dict[str, Optional[int]]] = None) -> dict[str, Any]:
+  """``config.json``: a native ``LlamaConfig`` for the transformer, else the YOCO-U config."""
+  special = {"bos": None, "eos": None, "pad": None, **(special_ids or {})}
+  config = _common_config(cfg, dtype=dtype, max_position_embeddings=max_position_embeddings,
+                          special_ids=special)
+  if cfg.arch == "transformer":
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **config,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+    }
+  module = MODELING_FILE.removesuffix(".py")
+  return {
+      "architectures": ["YocouForCausalLM"],
+      "model_type": YOCOU_MODEL_TYPE,
+      "auto_map": {"AutoConfig": f"{module}.YocouConfig",
+                   "AutoModelForCausalLM": f"{module}.YocouForCausalLM"},
+      **config,
+      "arch": cfg.arch,
+      "sliding_window": cfg.window if cfg.is_decoder_decoder else None,
+      "num_iterations": cfg.iterations,
+      "num_recursive_layers": cfg.num_recursive_layers if cfg.arch == "rins" else None,
+      "cross_rope": cfg.cross_rope if cfg.is_decoder_decoder else False,
+      "rope_theta": cfg.rope_theta,
+  }
+
+
+def model_fields_from_llama(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+  """``ModelConfig`` fields of a Hugging Face Llama ``config.json``; refuses what we cannot run."""
+  def refuse(what: str):
+    raise ExportError(f"{source}: {what} is not supported by the yocou_jax transformer "
+                      "(Llama with RMSNorm, SwiGLU, rotate-half RoPE and no biases)")
+
+  if config.get("model_type") != "llama":
+    refuse(f"model_type={config.get('model_type')!r} (only 'llama')")
+  for flag in ("attention_bias", "mlp_bias"):
+    if config.get(flag):
+      refuse(f"{flag}=true")
+  if config.get("hidden_act", "silu") != "silu":
+    refuse(f"hidden_act={config['hidden_act']!r}")
+  if config.get("rope_scaling"):
+    refuse(f"rope_scaling={config['rope_scaling']!r}")
+  rope = config.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    refuse(f"rope_parameters.rope_type={rope['rope_type']!r}")
+  extra_rope = sorted(set(rope) - {"rope_type", "rope_theta"})
+  if extra_rope:
+    refuse(f"rope_parameters.{extra_rope[0]}")
+  theta = rope.get("rope_theta", config.get("rope_theta", 10_000.0))
+  heads = int(config["num_attention_heads"])
+  head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
+  return dict(
+      arch="transformer",
+      vocab_size=int(config["vocab_size"]),
+      d_model=int(config["hidden_size"]),
+      d_ff=int(config["intermediate_size"]),
+      num_layers=int(config["num_hidden_layers"]),
+      num_heads=heads,
+      num_kv_heads=int(config.get("num_key_value_heads") or heads),
+      head_dim=int(head_dim),
+      rope_theta=float(theta),
+      norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+      init_std=float(config.get("initializer_range", 0.02)),
+  )

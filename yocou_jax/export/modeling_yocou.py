@@ -1,0 +1,465 @@
+"""PyTorch implementation of the yocou_jax model family, shipped inside every non-Llama export.
+
+Self-contained: it imports only torch and transformers, so a directory holding this file, its
+``config.json`` and ``model.safetensors`` loads with
+``AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)``, or with
+``modeling_yocou.YocouForCausalLM.from_pretrained(directory)`` after a plain import.
+
+The math is exactly the JAX model's (``yocou_jax/model.py``): pre-norm layers with RMSNorm
+(computed in float32), rotate-half RoPE, GQA attention with scale head_dim ** -0.5 and a float32
+softmax, SwiGLU, no biases. The archs (L layers, T iterations, W window):
+
+  transformer  L causal layers
+  looped       (L causal layers) x T, shared weights
+  rins         (first R layers) x T, then layers R..L-1
+  yoco         L/2 sliding-window layers (key j visible to query i when i - W < j <= i), one global
+               K/V = norm(x) W_K, norm(x) W_V, then L/2 cross-decoder layers attending to it
+  yocou        yoco with the self-decoder applied T times (shared weights)
+
+Incremental decoding keeps YOCO-U's cache structure (:class:`YocouCache`): one global K/V for
+all tokens, and for every (self-decoder layer, iteration) pair the last W tokens' K/V only. Prefill
+runs the cross-decoder only on the positions whose logits are asked for (``logits_to_keep``), so
+generation's prefill costs the self-decoder plus one cross-decoder position.
+Positions are plain 0..N-1 (no packed documents, no padding).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import make_dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+ARCHS = ("transformer", "yoco", "yocou", "rins", "looped")
+QUERY_CHUNK = 512  # Queries per attention block in long forwards (bounds the score memory).
+# What generation utilities call the cache: "cache" in recent transformers 5, else the old name.
+CACHE_KWARG = ("cache" if "cache" in inspect.signature(
+    GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values")
+
+
+class YocouConfig(PretrainedConfig):
+    """Hyper-parameters of one model of the family (names follow LlamaConfig where they exist)."""
+
+    model_type = "yocou"
+
+    def __init__(
+        self,
+        arch: str = "yocou",
+        vocab_size: int = 384,
+        hidden_size: int = 128,
+        intermediate_size: int = 384,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int = 32,
+        sliding_window: Optional[int] = 64,
+        num_iterations: int = 3,
+        num_recursive_layers: Optional[int] = None,
+        cross_rope: bool = False,
+        rope_theta: float = 10_000.0,
+        rms_norm_eps: float = 1e-6,
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        hidden_act: str = "silu",
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        if arch not in ARCHS:
+            raise ValueError(f"arch={arch!r}; allowed: {ARCHS}")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act={hidden_act!r}; only 'silu' (SwiGLU) is implemented")
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.sliding_window = sliding_window
+        self.num_iterations = num_iterations
+        self.num_recursive_layers = num_recursive_layers
+        self.cross_rope = cross_rope
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.hidden_act = hidden_act
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def is_decoder_decoder(self) -> bool:
+        return self.arch in ("yoco", "yocou")
+
+    def layer_schedule(self) -> list[int]:
+        """Indices of the (self-)decoder layers in the order they run; loops repeat indices."""
+        n, t = self.num_hidden_layers, self.num_iterations
+        if self.arch == "transformer":
+            return list(range(n))
+        if self.arch == "looped":
+            return list(range(n)) * t
+        if self.arch == "rins":
+            r = self.num_recursive_layers
+            return list(range(r)) * t + list(range(r, n))
+        return list(range(n // 2)) * (t if self.arch == "yocou" else 1)
+
+    def num_decoder_layers(self) -> int:
+        return self.num_hidden_layers // 2 if self.is_decoder_decoder else self.num_hidden_layers
+
+
+class YocouCache:
+    """K/V cache: one entry per layer application, plus YOCO's global K/V.
+
+    ``layers[s]`` holds the post-RoPE keys and values [B, S, K, Dh] of the s-th entry of
+    ``config.layer_schedule()``: for yoco/yocou the W most recent tokens of each (self-decoder
+    layer, iteration) pair, otherwise every token. ``global_kv`` holds the cross-decoder's K/V of
+    every token, computed once.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: YocouConfig):
+        self.window = config.sliding_window if config.is_decoder_decoder else None
+        self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(
+            config.layer_schedule())
+        self.global_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.seq_length = 0
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        del layer_idx
+        return self.seq_length
+
+    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor):
+        """Appends this step's K/V; returns every cached + new K/V to attend to."""
+        if self.layers[slot] is not None:
+            k = torch.cat([self.layers[slot][0], k], dim=1)
+            v = torch.cat([self.layers[slot][1], v], dim=1)
+        keep = k.shape[1] if self.window is None else min(self.window, k.shape[1])
+        self.layers[slot] = (k[:, -keep:], v[:, -keep:])
+        return k, v
+
+    def update_global(self, k: torch.Tensor, v: torch.Tensor):
+        if self.global_kv is not None:
+            k = torch.cat([self.global_kv[0], k], dim=1)
+            v = torch.cat([self.global_kv[1], v], dim=1)
+        self.global_kv = (k, v)
+        return k, v
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Selects batch rows (beam search)."""
+        def pick(kv):
+            return None if kv is None else tuple(x.index_select(0, beam_idx) for x in kv)
+
+        self.layers = [pick(kv) for kv in self.layers]
+        self.global_kv = pick(self.global_kv)
+
+    def num_bytes(self) -> int:
+        entries = [kv for kv in self.layers + [self.global_kv] if kv is not None]
+        return sum(x.numel() * x.element_size() for kv in entries for x in kv)
+
+
+# Logits and the cache, under the name CACHE_KWARG that this transformers version reads.
+YocouCausalLMOutput = make_dataclass(
+    "YocouCausalLMOutput",
+    [("loss", Optional[torch.Tensor], None), ("logits", Optional[torch.Tensor], None),
+     (CACHE_KWARG, Optional[YocouCache], None)],
+    bases=(ModelOutput,))
+
+
+class YocouRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def apply_rope(x_BxNxHxD: torch.Tensor, positions_N: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE: pairs (i, i + D/2) rotate together, in float32."""
+    d = x_BxNxHxD.shape[-1]
+    exponents = torch.arange(0, d, 2, dtype=torch.float32, device=x_BxNxHxD.device) / d
+    inv_freq = 1.0 / (theta ** exponents)
+    angles = positions_N.float()[:, None] * inv_freq
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x = x_BxNxHxD.float()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BxNxHxD.dtype)
+
+
+def attend(q_BxNxHxD, k_BxSxKxD, v_BxSxKxD, q_start: int, k_start: int,
+           window: Optional[int]) -> torch.Tensor:
+    """Causal (optionally sliding-window) GQA attention over absolute positions.
+
+    Query n is at position ``q_start + n`` and key s at ``k_start + s``; query i sees key j when
+    j <= i and, with a window, i - j < W. Queries are processed in blocks that read only the keys
+    they can see, so a long sliding-window forward costs O(N (W + block)).
+    """
+    b, n, h, d = q_BxNxHxD.shape
+    kv_heads = k_BxSxKxD.shape[2]
+    q = q_BxNxHxD.reshape(b, n, kv_heads, h // kv_heads, d)
+    outs = []
+    for start in range(0, n, QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, n)
+        first_visible = q_start + start - (window - 1) if window is not None else 0
+        lo = max(0, first_visible - k_start)
+        hi = q_start + end - k_start
+        k, v = k_BxSxKxD[:, lo:hi].float(), v_BxSxKxD[:, lo:hi].float()
+        scores = torch.einsum("bnkgd,bskd->bkgns", q[:, start:end].float(), k) * d ** -0.5
+        qi = torch.arange(q_start + start, q_start + end, device=q.device)[:, None]
+        kj = torch.arange(k_start + lo, k_start + hi, device=q.device)[None, :]
+        mask = kj <= qi
+        if window is not None:
+            mask &= qi - kj < window
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        outs.append(torch.einsum("bkgns,bskd->bnkgd", probs, v))
+    return torch.cat(outs, dim=1).reshape(b, n, h, d).to(q_BxNxHxD.dtype)
+
+
+class YocouMLP(nn.Module):
+    def __init__(self, config: YocouConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class YocouSelfAttention(nn.Module):
+    def __init__(self, config: YocouConfig, window: Optional[int]):
+        super().__init__()
+        self.config, self.window = config, window
+        h, k, d, dh = (config.num_attention_heads, config.num_key_value_heads,
+                       config.hidden_size, config.head_dim)
+        self.q_proj = nn.Linear(d, h * dh, bias=False)
+        self.k_proj = nn.Linear(d, k * dh, bias=False)
+        self.v_proj = nn.Linear(d, k * dh, bias=False)
+        self.o_proj = nn.Linear(h * dh, d, bias=False)
+
+    def forward(self, x, positions, cache: Optional[YocouCache], slot: int):
+        b, n, _ = x.shape
+        c = self.config
+        q = apply_rope(self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim), positions,
+                       c.rope_theta)
+        k = apply_rope(self.k_proj(x).view(b, n, c.num_key_value_heads, c.head_dim), positions,
+                       c.rope_theta)
+        v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim)
+        if cache is not None:
+            k, v = cache.update(slot, k, v)
+        q_start = int(positions[0])
+        out = attend(q, k, v, q_start, q_start + n - k.shape[1], self.window)
+        return self.o_proj(out.reshape(b, n, -1))
+
+
+class YocouDecoderLayer(nn.Module):
+    def __init__(self, config: YocouConfig, window: Optional[int]):
+        super().__init__()
+        self.input_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = YocouSelfAttention(config, window)
+        self.post_attention_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = YocouMLP(config)
+
+    def forward(self, x, positions, cache, slot):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, slot)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class YocouGlobalKV(nn.Module):
+    """YOCO's single K/V: K = norm(x) W_K, V = norm(x) W_V (RoPE on K when cross_rope)."""
+
+    def __init__(self, config: YocouConfig):
+        super().__init__()
+        self.config = config
+        kv = config.num_key_value_heads * config.head_dim
+        self.norm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.k_proj = nn.Linear(config.hidden_size, kv, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv, bias=False)
+
+    def forward(self, x, positions):
+        b, n, _ = x.shape
+        c = self.config
+        h = self.norm(x)
+        k = self.k_proj(h).view(b, n, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(h).view(b, n, c.num_key_value_heads, c.head_dim)
+        if c.cross_rope:
+            k = apply_rope(k, positions, c.rope_theta)
+        return k, v
+
+
+class YocouCrossAttention(nn.Module):
+    def __init__(self, config: YocouConfig):
+        super().__init__()
+        self.config = config
+        hd = config.num_attention_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, hd, bias=False)
+        self.o_proj = nn.Linear(hd, config.hidden_size, bias=False)
+
+    def forward(self, x, positions, k, v):
+        b, n, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim)
+        if c.cross_rope:
+            q = apply_rope(q, positions, c.rope_theta)
+        out = attend(q, k, v, int(positions[0]), 0, None)
+        return self.o_proj(out.reshape(b, n, -1))
+
+
+class YocouCrossDecoderLayer(nn.Module):
+    def __init__(self, config: YocouConfig):
+        super().__init__()
+        self.input_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn = YocouCrossAttention(config)
+        self.post_attention_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = YocouMLP(config)
+
+    def forward(self, x, positions, k, v):
+        x = x + self.cross_attn(self.input_layernorm(x), positions, k, v)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class YocouPreTrainedModel(PreTrainedModel):
+    config_class = YocouConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["YocouDecoderLayer", "YocouCrossDecoderLayer"]
+    supports_gradient_checkpointing = False
+
+
+class YocouModel(YocouPreTrainedModel):
+    """Embedding, the layer schedule and (yoco/yocou) the global K/V and cross-decoder."""
+
+    def __init__(self, config: YocouConfig):
+        super().__init__(config)
+        window = config.sliding_window if config.is_decoder_decoder else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            YocouDecoderLayer(config, window) for _ in range(config.num_decoder_layers()))
+        if config.is_decoder_decoder:
+            self.global_kv = YocouGlobalKV(config)
+            self.cross_layers = nn.ModuleList(
+                YocouCrossDecoderLayer(config)
+                for _ in range(config.num_hidden_layers - config.num_hidden_layers // 2))
+        self.norm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor, cache: Optional[YocouCache] = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Final-normed hidden states of the last ``logits_to_keep`` positions (0: all)."""
+        past = cache.seq_length if cache is not None else 0
+        n = input_ids.shape[1]
+        positions = torch.arange(past, past + n, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for slot, index in enumerate(self.config.layer_schedule()):
+            x = self.layers[index](x, positions, cache, slot)
+        if self.config.is_decoder_decoder:
+            k, v = self.global_kv(x, positions)
+            if cache is not None:
+                k, v = cache.update_global(k, v)
+        # Prefill early exit: the cross-decoder reads only the global K/V of the context, so it
+        # runs on the kept positions alone.
+        keep = n if not logits_to_keep else min(logits_to_keep, n)
+        x, positions = x[:, n - keep:], positions[n - keep:]
+        if self.config.is_decoder_decoder:
+            for layer in self.cross_layers:
+                x = layer(x, positions, k, v)
+        if cache is not None:
+            cache.seq_length += n
+        return self.norm(x)
+
+
+class YocouForCausalLM(YocouPreTrainedModel, GenerationMixin):
+    """The language model: ``forward`` returns float logits and (with ``use_cache``) the cache."""
+
+    def __init__(self, config: YocouConfig):
+        super().__init__(config)
+        self.model = YocouModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # The model builds its own YocouCache.
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As PreTrainedModel's, but refuses checkpoints with missing or unexpected tensors."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            names = sorted(info.get(kind) or ())
+            if names:
+                first = names[0] if isinstance(names[0], str) else names[0][0]
+                raise ValueError(f"{kind.replace('_', ' ')} loading {cls.__name__}: tensor "
+                                 f"{first} ({len(names)} in all) does not match the config")
+        return (model, info) if wants_info else model
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return None if self.config.tie_word_embeddings else self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[YocouCache] = None,
+        past_key_values: Optional[YocouCache] = None,
+        use_cache: Optional[bool] = None,
+        labels: Optional[torch.LongTensor] = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> YocouCausalLMOutput:
+        """Logits of the last ``logits_to_keep`` positions of ``input_ids`` (0: every position).
+
+        With a cache, ``input_ids`` are the tokens after the cached ones. ``attention_mask`` may
+        only mark every token as real (no padding).
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported: attention_mask must be all ones")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = YocouCache(self.config)
+        hidden = self.model(input_ids, cache if use_cache else None, logits_to_keep)
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings \
+            else self.lm_head.weight
+        logits = nn.functional.linear(hidden, weight).float()
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                ignore_index=-100)
+        cache = cache if use_cache else None
+        return YocouCausalLMOutput(loss=loss, logits=logits, **{CACHE_KWARG: cache})
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None,
+                                      attention_mask=None, logits_to_keep=None, use_cache=True,
+                                      **kwargs):
+        """Feeds only the tokens the cache has not seen."""
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            input_ids = input_ids[:, cache.seq_length:]
+        inputs = {"input_ids": input_ids, CACHE_KWARG: cache, "use_cache": use_cache,
+                  "attention_mask": attention_mask}
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+
+YocouConfig.register_for_auto_class()
+YocouForCausalLM.register_for_auto_class("AutoModelForCausalLM")
