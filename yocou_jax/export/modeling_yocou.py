@@ -403,8 +403,9 @@ class YocouForCausalLM(YocouPreTrainedModel, GenerationMixin):
             names = sorted(info.get(kind) or ())
             if names:
                 first = names[0] if isinstance(names[0], str) else names[0][0]
-                raise ValueError(f"{kind.replace('_', ' ')} loading {cls.__name__}: tensor "
-                                 f"{first} ({len(names)} in all) does not match the config")
+                raise ValueError(f"{cls.__name__}.from_pretrained: {kind.split('_')[0]} tensor "
+                                 f"{first} ({len(names)} in all): the weights do not match "
+                                 "config.json")
         return (model, info) if wants_info else model
 
     def get_input_embeddings(self):
