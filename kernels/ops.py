@@ -35,7 +35,6 @@ import functools
 import math
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
@@ -239,6 +238,7 @@ def self_attention(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array, *,
 
 def _mesh_axes(mesh, logical: str, size: int):
   """Mesh axes for a logical activation axis, or None when they do not divide ``size``."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top  # Only under a mesh.
   axes = nn.logical_to_mesh_axes((logical,))[0]
   if axes is None:
     return None
