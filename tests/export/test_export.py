@@ -1,5 +1,6 @@
 """Exports of every arch agree with the JAX model: logits, greedy generation, cached decoding."""
 
+import importlib.util
 import inspect
 import json
 import os
@@ -15,6 +16,7 @@ import transformers
 from experiments.configs import default
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ModelConfig
+from yocou_jax.data import tokenizers as tokenizers_lib
 from yocou_jax.export import exporter, hf, verify
 from yocou_jax.model import Model
 from yocou_jax.train import checkpoint as checkpoint_lib
@@ -168,3 +170,54 @@ def test_export_agrees_with_jax(case, tmp_path):
   check_greedy_generation(cfg, params, model)
   check_cached_decoding(cfg, model)
   print(f"{case}: max |torch - jax| logit difference {max_diff:.2e}")
+
+
+def _train_bpe(directory):
+  texts = ["def f(x):\n    return x + 1\n", "print('héllo wörld')\n"] * 20
+  return tokenizers_lib.train_tokenizer("bpe", texts, 300, str(directory))
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_tokenizer_and_generation_config(tmp_path, kind):
+  """AutoTokenizer loads the exported tokenizer and gives the training tokenizer's ids."""
+  save_random_checkpoint(tmp_path, arch="yoco", vocab_size=384)
+  if kind == "byte":
+    tokenizer = tokenizers_lib.ByteTokenizer()
+    tokenizer.save(str(tmp_path / "tokenizer"))
+  else:
+    tokenizer = _train_bpe(tmp_path / "tokenizer")
+  exporter.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+  text = "def héllo(x):\n\treturn x  # 日本 😀\n"
+  assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
+  assert hf_tokenizer.decode(tokenizer.encode(text)) == text
+  assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (
+      tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+  generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "export"))
+  assert (generation.eos_token_id, generation.pad_token_id) == (tokenizer.eos_id,
+                                                                tokenizer.pad_id)
+  config = json.loads((tmp_path / "export" / "config.json").read_text())
+  assert config["eos_token_id"] == tokenizer.eos_id
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+  save_random_checkpoint(tmp_path, arch="yoco")  # vocab_size 64 < the byte tokenizer's 259.
+  tokenizers_lib.ByteTokenizer().save(str(tmp_path / "tokenizer"))
+  with pytest.raises(exporter.ExportError, match="has 259 tokens, more than the model's "
+                                                 "vocab_size=64"):
+    exporter.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "tokenizer"]
+
+
+def test_modeling_file_imports_as_a_plain_module(tmp_path):
+  """No trust_remote_code: import modeling_yocou.py from the export and load with it."""
+  cfg = save_random_checkpoint(tmp_path, arch="yocou")
+  ckpt = exporter.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  spec = importlib.util.spec_from_file_location("plain_modeling_yocou",
+                                                tmp_path / "export" / hf.MODELING_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = module.YocouForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(1, SEQ_LEN))
+  np.testing.assert_allclose(verify.torch_logits(model, tokens),
+                             verify.jax_logits(cfg, ckpt.params, tokens), rtol=0, atol=1e-4)

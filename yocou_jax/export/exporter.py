@@ -177,12 +177,16 @@ def byte_tokenizer_json():
   return tokenizer
 
 
-def write_tokenizer(source: Path, directory: Path, *, max_length: int) -> dict[str, int]:
+def write_tokenizer(source: Path, directory: Path, *, max_length: int,
+                    vocab_size: int) -> dict[str, int]:
   """Writes the checkpoint's tokenizer in Hugging Face form; returns its special ids."""
   if not (source / tokenizers_lib.CONFIG_FILENAME).is_file():
     logging.warning("no tokenizer in %s: the export has no tokenizer files", source)
     return {}
   tokenizer = tokenizers_lib.tokenizer_from_directory(str(source))
+  if tokenizer.vocab_size > vocab_size:
+    raise ExportError(f"the tokenizer in {source} has {tokenizer.vocab_size} tokens, more than "
+                      f"the model's vocab_size={vocab_size}")
   kind = json.loads((source / tokenizers_lib.CONFIG_FILENAME).read_text())["kind"]
   special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
   if kind == "sentencepiece":
@@ -267,7 +271,8 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: Optional[int] = None,
     write_safetensors(tensors, tmp, dtype=dtype, max_shard_size=max_shard_size,
                       metadata={"yocou_jax_arch": ckpt.model_cfg.arch,
                                 "yocou_jax_step": str(ckpt.step)})
-    special = write_tokenizer(Path(workdir) / "tokenizer", tmp, max_length=max_length)
+    special = write_tokenizer(Path(workdir) / "tokenizer", tmp, max_length=max_length,
+                              vocab_size=ckpt.model_cfg.vocab_size)
     _write_json(tmp / "config.json", hf.hf_config(
         ckpt.model_cfg, dtype=dtype, max_position_embeddings=max_length, special_ids=special))
     _write_json(tmp / "generation_config.json",
