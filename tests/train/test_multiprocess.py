@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import portpicker
 
+from tests import cpu_env
 from tests.train.synthetic import synthetic_data, tiny_config
 from yocou_jax.train import trainer
 
@@ -21,8 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_two_processes_match_one_process(tmp_path):
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env.subprocess_env(2)
   procs = [
       subprocess.Popen(
           [sys.executable, "-m", "tests.train.multiprocess_worker", str(port), "2", str(i),

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from tests import cpu_env
 from tests.train.synthetic import tiny_config
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import trainer
@@ -71,7 +72,7 @@ def test_binary_trains_reports_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
          "--sample_tokens=8", *config_overrides]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="")
+  env = cpu_env.subprocess_env(1)
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "validation loss:" in out.stdout and "greedy sample" in out.stdout
