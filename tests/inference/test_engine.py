@@ -26,7 +26,7 @@ def test_mixed_lengths_chunked_prefill_and_decode_match_forward(arch):
   params = ref_lib.random_params(cfg)
   tokens = _tokens(3)
   lengths, steps = [5, 13, 22], 14
-  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=3, block_size=4))
+  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=3, kv_block=4, decode_kv_block=8, window_block=4))
   got, state = ref_lib.cached_logits(engine, params, tokens, lengths, steps, MAX_LEN)
   want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
   assert np.abs(want).max() > 1.0  # Logits far from uniform: the comparison is meaningful.
@@ -43,8 +43,8 @@ def test_chunks_longer_than_window_in_query_blocks(arch):
   tokens = _tokens(2, seed=4)
   lengths, steps = [17, 30], 6
   want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
-  for opts in (engine_lib.Options(chunk_size=8, block_size=4),
-               engine_lib.Options(chunk_size=64, block_size=64)):
+  for opts in (engine_lib.Options(chunk_size=8, kv_block=4, window_block=4),
+               engine_lib.Options(chunk_size=64, kv_block=64, window_block=64)):
     got, _ = ref_lib.cached_logits(engine_lib.Engine(cfg, opts), params, tokens, lengths, steps,
                                    SEQ_LEN)
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
@@ -59,9 +59,10 @@ def test_test_time_depth(iterations):
   cfg = trained.replace(num_iterations=iterations)
   tokens = _tokens(2, seed=6)
   lengths, steps = [9, 14], 5
-  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4, block_size=4))
+  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4, kv_block=4, decode_kv_block=4, window_block=2))
   got, state = ref_lib.cached_logits(engine, params, tokens, lengths, steps, 24)
   want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
   np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
-  assert state.cache["self_decoder"]["k"].shape == (iterations, 2, 2, 4, 2, 8)
+  assert len(state.cache["self_decoder"]) == 2 * iterations
+  assert state.cache["self_decoder"][0]["k"].shape == (2, 2, 4, 8)
   assert cache_lib.cache_bytes(state.cache) == accounting.kv_cache_bytes(cfg, 24, 2)

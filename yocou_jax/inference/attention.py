@@ -3,21 +3,24 @@
 Two kinds, matching the two cache kinds of :mod:`yocou_jax.inference.cache`:
 
 * :func:`window_attention`: sliding-window attention of a chunk to a ring buffer of the last W'
-  tokens plus the chunk itself; it also returns the updated ring buffer. Decode is C = 1.
+  tokens plus the chunk itself; it also returns the updated ring buffer. Decode (C = 1) writes
+  the token into its slot and attends to the ring alone.
 * :func:`cache_attention`: causal attention to a full buffer (a Transformer layer's cache or
   YOCO's global K/V), as an online softmax over key blocks that stops at the furthest query
   position, so a chunk at offset n reads n + C keys, not the whole buffer.
 
 Shapes: B batch, C query tokens, H query heads, K kv heads, G = H // K, D head dim, W' ring length,
-S buffer length, M keys of one query sub-block. ``lengths_B`` is how many tokens each sequence
-already has in the cache (the chunk's first token sits at position ``lengths_B``), ``counts_B`` how
-many of the chunk's C tokens are real (right padding). Padding queries produce garbage that
-nothing reads; padding keys are never visible to real queries.
+S buffer length, M = G * C query rows of one kv head. Caches are ``[B, K, S, D]``. ``lengths_B``
+is how many tokens each sequence already has in the cache (the chunk's first token sits at
+position ``lengths_B``), ``counts_B`` how many of the chunk's C tokens are real (right padding).
+Padding queries produce garbage that nothing reads; padding keys are never visible to real ones.
 
-**Kernel hook.** :func:`cache_attention` dispatches on ``impl``: ``"xla"`` is the function
-below; a Pallas decode kernel registers itself with :func:`register_cache_attention` under its
-``config.model.attention_impl`` name and receives exactly the arguments of
-:func:`xla_cache_attention`.
+**Kernel hook.** :func:`cache_attention` dispatches on ``impl``: ``"xla"`` is
+:func:`xla_cache_attention`; a Pallas decode kernel registers itself with
+:func:`register_cache_attention` under its ``config.model.attention_impl`` name and receives
+exactly that function's arguments (``kernels.cross_attention.decode_attention`` takes the cache
+as [B, S, K, D]: its adapter passes ``q_positions_BxT=positions`` and the cache swapped to that
+layout, or the kernel reads [B, K, S, D] directly).
 """
 
 from __future__ import annotations
@@ -27,112 +30,166 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from yocou_jax import attention as attention_lib
-
 Array = jax.Array
 
 
-def window_attention(q_BxCxHxD: Array, k_BxCxKxD: Array, v_BxCxKxD: Array, ring_k_BxWxKxD: Array,
-                     ring_v_BxWxKxD: Array, lengths_B: Array, counts_B: Array, *, window: int,
+def _fold(q_BxCxHxD: Array, kv_heads: int) -> Array:
+  """[B, C, H, D] -> [B, K, G*C, D]: a kv head's G query heads and C tokens as one row axis.
+
+  XLA's CPU dots run far faster on this layout than on separate (G, C) free dimensions.
+  """
+  b, c, h, d = q_BxCxHxD.shape
+  q = q_BxCxHxD.reshape(b, c, kv_heads, h // kv_heads, d)
+  return jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv_heads, -1, d)
+
+
+def _unfold(out_BxKxMxD: Array, c: int) -> Array:
+  b, k, m, d = out_BxKxMxD.shape
+  out = out_BxKxMxD.reshape(b, k, m // c, c, d)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, c, -1, d)
+
+
+def _scores(q_BxKxMxD: Array, k_BxKxSxD: Array) -> Array:
+  acc = jnp.promote_types(q_BxKxMxD.dtype, jnp.float32)
+  scale = q_BxKxMxD.shape[-1] ** -0.5
+  return jnp.einsum("bkmd,bksd->bkms", q_BxKxMxD, k_BxKxSxD, preferred_element_type=acc) * scale
+
+
+def _weighted_values(p_BxKxMxS: Array, v_BxKxSxD: Array) -> Array:
+  acc = jnp.promote_types(v_BxKxSxD.dtype, jnp.float32)
+  return jnp.einsum("bkms,bksd->bkmd", p_BxKxMxS.astype(v_BxKxSxD.dtype), v_BxKxSxD,
+                    preferred_element_type=acc)
+
+
+def _masked_attention(q_BxKxMxD: Array, k_BxKxSxD: Array, v_BxKxSxD: Array,
+                      mask_BxMxS: Array) -> Array:
+  """Dense softmax attention restricted to ``mask`` (rows with no visible key give zeros)."""
+  s = jnp.where(mask_BxMxS[:, None], _scores(q_BxKxMxD, k_BxKxSxD), -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  return _weighted_values(p, v_BxKxSxD) / jnp.where(denom == 0.0, 1.0, denom)
+
+
+def heads_first(x_BxCxKxD: Array) -> Array:
+  """[B, C, K, D] (projection output) -> [B, K, C, D] (cache layout)."""
+  return jnp.swapaxes(x_BxCxKxD, 1, 2)
+
+
+def window_attention(q_BxCxHxD: Array, k_BxKxCxD: Array, v_BxKxCxD: Array, ring_k_BxKxWxD: Array,
+                     ring_v_BxKxWxD: Array, lengths_B: Array, counts_B: Array, *, window: int,
                      block_size: int) -> tuple[Array, Array, Array]:
   """Sliding-window attention of the chunk to (ring buffer, chunk); returns (out, ring k, ring v).
 
   The ring is unrolled into position order and the chunk appended, giving a contiguous run of
   keys at positions ``lengths - W' + j``. Query sub-blocks of ``block_size`` then each read the
-  W' + block keys before and inside them (the masked dense attention of the model's reference
-  path), so the work is C * (W' + block), not C * (W' + C).
+  W' + block keys before and inside them, so the work is C * (W' + block), not C * (W' + C).
   """
-  b, c = q_BxCxHxD.shape[:2]
-  w = ring_k_BxWxKxD.shape[1]
-  j_BxM = jnp.arange(w + c)[None, :]
+  if q_BxCxHxD.shape[1] == 1:
+    return _window_decode(q_BxCxHxD, k_BxKxCxD, v_BxKxCxD, ring_k_BxKxWxD, ring_v_BxKxWxD,
+                          lengths_B, counts_B)
+  c, w = q_BxCxHxD.shape[1], ring_k_BxKxWxD.shape[2]
+  j_1xR = jnp.arange(w + c)[None, :]
   # Key j of the unrolled run: position lengths - W' + j; real if >= 0 and not chunk padding.
-  key_valid = ((j_BxM >= w - lengths_B[:, None]) & (j_BxM < w + counts_B[:, None]))
-  unroll_BxW = (lengths_B[:, None] + jnp.arange(w)[None, :]) % w
+  key_valid_BxR = (j_1xR >= w - lengths_B[:, None]) & (j_1xR < w + counts_B[:, None])
+  unroll_Bx1xWx1 = ((lengths_B[:, None] + jnp.arange(w)[None, :]) % w)[:, None, :, None]
 
   def run(ring, new):
-    return jnp.concatenate([jnp.take_along_axis(ring, unroll_BxW[:, :, None, None], axis=1), new],
-                           axis=1)
+    return jnp.concatenate([jnp.take_along_axis(ring, unroll_Bx1xWx1, axis=2), new], axis=2)
 
-  k_run, v_run = run(ring_k_BxWxKxD, k_BxCxKxD), run(ring_v_BxWxKxD, v_BxCxKxD)
-  out = _blocked_window(q_BxCxHxD, k_run, v_run, key_valid.astype(jnp.int32), w, window,
-                        block_size)
+  k_run, v_run = run(ring_k_BxKxWxD, k_BxKxCxD), run(ring_v_BxKxWxD, v_BxKxCxD)
+  out = _blocked_window(q_BxCxHxD, k_run, v_run, key_valid_BxR, w, window, block_size)
   # New slot s holds position p = n' - 1 - ((n' - 1 - s) mod W'), run index W' + p - lengths.
   new_len = lengths_B + counts_B
-  slots = jnp.arange(w)[None, :]
-  pos_BxW = new_len[:, None] - 1 - (new_len[:, None] - 1 - slots) % w
-  src_BxW = (w + pos_BxW - lengths_B[:, None])[:, :, None, None]
-  return (out, jnp.take_along_axis(k_run, src_BxW, axis=1),
-          jnp.take_along_axis(v_run, src_BxW, axis=1))
+  pos_BxW = new_len[:, None] - 1 - (new_len[:, None] - 1 - jnp.arange(w)[None, :]) % w
+  src_Bx1xWx1 = (w + pos_BxW - lengths_B[:, None])[:, None, :, None]
+  return (out, jnp.take_along_axis(k_run, src_Bx1xWx1, axis=2),
+          jnp.take_along_axis(v_run, src_Bx1xWx1, axis=2))
 
 
-def _blocked_window(q_BxCxHxD, k_BxRxKxD, v_BxRxKxD, key_seg_BxR, w: int, window: int,
+def _blocked_window(q_BxCxHxD, k_BxKxRxD, v_BxKxRxD, key_valid_BxR, w: int, window: int,
                     block_size: int) -> Array:
-  """Query sub-block l (queries W'+l*Q.. of the run) attends to run keys [l*Q, l*Q + W' + Q)."""
+  """Query sub-block l (run queries W' + l*Q ..) attends to run keys [l*Q, l*Q + W' + Q)."""
   b, c, h, d = q_BxCxHxD.shape
+  kv_heads = k_BxKxRxD.shape[1]
   qb = block_size if 0 < block_size < c and c % block_size == 0 else c
-  nb = c // qb
-  m = w + qb
+  nb, m = c // qb, w + qb
 
-  def blocks(x):
-    return jnp.stack([x[:, l * qb:l * qb + m] for l in range(nb)], axis=1).reshape(
-        b * nb, m, *x.shape[2:])
+  def blocks(x, axis):
+    parts = [jax.lax.slice_in_dim(x, l * qb, l * qb + m, axis=axis) for l in range(nb)]
+    stacked = jnp.stack(parts, axis=1)
+    return stacked.reshape(b * nb, *stacked.shape[2:])
 
-  q = q_BxCxHxD.reshape(b * nb, qb, h, d)
-  seg_q = jnp.ones((b * nb, qb), jnp.int32)
-  out = attention_lib.dense_attention(
-      q, blocks(k_BxRxKxD), blocks(v_BxRxKxD), window=window, q_segment_ids=seg_q,
-      kv_segment_ids=blocks(key_seg_BxR), q_offset=w)
-  return out.reshape(b, c, h, d)
+  # Query i of a sub-block is index W' + i of its key slice: it sees i < j <= W' + i, within
+  # the window.
+  i, j = jnp.arange(qb)[:, None], jnp.arange(m)[None, :]
+  near_QxM = (j <= w + i) & (w + i - j < window)
+  rows_mask = jnp.tile(near_QxM, (h // kv_heads, 1))[None] & blocks(key_valid_BxR, 1)[:, None, :]
+  q = _fold(q_BxCxHxD.reshape(b * nb, qb, h, d), kv_heads)
+  out = _masked_attention(q, blocks(k_BxKxRxD, 2), blocks(v_BxKxRxD, 2), rows_mask)
+  return _unfold(out, qb).reshape(b, c, h, d).astype(q_BxCxHxD.dtype)
 
 
-def xla_cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_cache: Array, v_cache: Array,
-                        index: tuple[Array, ...], *, block_size: int) -> Array:
-  """Causal attention of queries at ``positions`` to ``k_cache[index]`` ([B, S, K, D]).
+def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxWxD, lengths_B,
+                   counts_B):
+  """One token: write it into slot ``n % W'``, then attend to the ring's non-empty slots.
 
-  ``index`` addresses leading (iteration, layer) axes of a stacked cache (empty for a
-  [B, S, K, D] buffer): blocks are sliced straight from the stacked array, never copying a
-  layer's whole buffer. Key j is visible to a query at position p when j <= p. Blocks run up to
-  the largest query position, so the unwritten tail of the buffer is never read.
+  After the write the ring holds exactly positions (n - W', n]: the window of the new token.
+  """
+  b, kv_heads, w = ring_k_BxKxWxD.shape[:3]
+  rows, slot_B = jnp.arange(b), lengths_B % w
+  write_Bx1x1 = (counts_B > 0)[:, None, None]
+
+  def put(ring, new):
+    return ring.at[rows, :, slot_B].set(jnp.where(write_Bx1x1, new[:, :, 0], ring[rows, :, slot_B]))
+
+  ring_k, ring_v = put(ring_k_BxKxWxD, k_BxKx1xD), put(ring_v_BxKxWxD, v_BxKx1xD)
+  q = _fold(q_Bx1xHxD, kv_heads)
+  filled_BxW = jnp.arange(w)[None, :] <= lengths_B[:, None]  # Slot s is empty while s > n.
+  mask = jnp.broadcast_to(filled_BxW[:, None, :], (b, q.shape[2], w))
+  out = _masked_attention(q, ring_k, ring_v, mask)
+  return _unfold(out, 1).astype(q_Bx1xHxD.dtype), ring_k, ring_v
+
+
+def xla_cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array,
+                        v_BxKxSxD: Array, *, block_size: int) -> Array:
+  """Causal attention of queries at ``positions`` to a full buffer: key j visible when j <= p.
+
+  An online softmax over key blocks of ``block_size`` that runs only up to the largest query
+  position, so the unwritten tail of the buffer is never read.
   """
   b, c, h, d = q_BxCxHxD.shape
-  s, kv_heads = k_cache.shape[-3], k_cache.shape[-2]
-  g = h // kv_heads
-  bk = min(block_size, s)
+  kv_heads, s = k_BxKxSxD.shape[1:3]
+  # A block never spans the whole buffer: XLA then copies the buffer on every call (measured).
+  bk = min(block_size, max(1, (s + 1) // 2))
   acc_dtype = jnp.promote_types(q_BxCxHxD.dtype, jnp.float32)
-  q_BxCxKxGxD = q_BxCxHxD.reshape(b, c, kv_heads, g, d)
-  scale = d ** -0.5
+  q_BxKxMxD = _fold(q_BxCxHxD, kv_heads)
+  rows = q_BxKxMxD.shape[2]
+  pos_BxM = jnp.tile(positions_BxC, (1, h // kv_heads))  # Row r = g * C + c.
   extent = jnp.minimum(jnp.max(positions_BxC) + 1, s)
-  num_blocks = (extent + bk - 1) // bk
-  lead = len(index)
 
   def body(i, carry):
-    m_BxKxGxC, l_BxKxGxC, acc = carry
+    m_BxKxM, l_BxKxM, acc = carry
     start = jnp.minimum(i * bk, s - bk)  # The last block may overlap the one before it.
-    corner = (*index, 0, start, 0, 0)
-    size = (1,) * lead + (b, bk, kv_heads, d)
-    k_blk = jax.lax.dynamic_slice(k_cache, corner, size).reshape(b, bk, kv_heads, d)
-    v_blk = jax.lax.dynamic_slice(v_cache, corner, size).reshape(b, bk, kv_heads, d)
+    k_blk = jax.lax.dynamic_slice_in_dim(k_BxKxSxD, start, bk, axis=2)
+    v_blk = jax.lax.dynamic_slice_in_dim(v_BxKxSxD, start, bk, axis=2)
     key_pos = start + jnp.arange(bk)
-    mask_BxCxS = ((key_pos[None, None, :] <= positions_BxC[:, :, None])
+    mask_BxMxS = ((key_pos[None, None, :] <= pos_BxM[:, :, None])
                   & (key_pos >= i * bk)[None, None, :])
-    s_f32 = jnp.einsum("bckgd,bskd->bkgcs", q_BxCxKxGxD, k_blk,
-                       preferred_element_type=acc_dtype) * scale
-    s_f32 = jnp.where(mask_BxCxS[:, None, None], s_f32, -jnp.inf)
-    m_new = jnp.maximum(m_BxKxGxC, jnp.max(s_f32, axis=-1))
+    s_f32 = jnp.where(mask_BxMxS[:, None], _scores(q_BxKxMxD, k_blk), -jnp.inf)
+    m_new = jnp.maximum(m_BxKxM, jnp.max(s_f32, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.exp(s_f32 - m_safe[..., None])
-    correction = jnp.exp(m_BxKxGxC - m_safe)
-    l_new = l_BxKxGxC * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bkgcs,bskd->bkgcd", p.astype(v_blk.dtype), v_blk,
-                    preferred_element_type=acc_dtype)
-    return m_new, l_new, acc * correction[..., None] + pv
+    correction = jnp.exp(m_BxKxM - m_safe)
+    l_new = l_BxKxM * correction + jnp.sum(p, axis=-1)
+    return m_new, l_new, acc * correction[..., None] + _weighted_values(p, v_blk)
 
-  init = (jnp.full((b, kv_heads, g, c), -jnp.inf, acc_dtype),
-          jnp.zeros((b, kv_heads, g, c), acc_dtype),
-          jnp.zeros((b, kv_heads, g, c, d), acc_dtype))
-  _, l_sum, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+  init = (jnp.full((b, kv_heads, rows), -jnp.inf, acc_dtype),
+          jnp.zeros((b, kv_heads, rows), acc_dtype),
+          jnp.zeros((b, kv_heads, rows, d), acc_dtype))
+  _, l_sum, acc = jax.lax.fori_loop(0, (extent + bk - 1) // bk, body, init)
   out = acc / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
-  return jnp.einsum("bkgcd->bckgd", out).reshape(b, c, h, d).astype(q_BxCxHxD.dtype)
+  return _unfold(out, c).astype(q_BxCxHxD.dtype)
 
 
 CacheAttention = Callable[..., Array]
@@ -144,11 +201,11 @@ def register_cache_attention(impl: str, fn: CacheAttention) -> None:
   _CACHE_ATTENTION[impl] = fn
 
 
-def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_cache: Array, v_cache: Array,
-                    index: tuple[Array, ...] = (), *, block_size: int, impl: str = "xla") -> Array:
+def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array, v_BxKxSxD: Array,
+                    *, block_size: int, impl: str = "xla") -> Array:
   """The dispatch point of every cached full/global attention (see the module docstring)."""
   if impl not in _CACHE_ATTENTION:
     raise ValueError(f"no cache attention registered for attention_impl={impl!r}; "
                      f"registered: {sorted(_CACHE_ATTENTION)}")
-  return _CACHE_ATTENTION[impl](q_BxCxHxD, positions_BxC, k_cache, v_cache, index,
+  return _CACHE_ATTENTION[impl](q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD,
                                 block_size=block_size)

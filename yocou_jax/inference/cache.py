@@ -1,25 +1,29 @@
 """Inference K/V caches: their layout per arch, allocation, sharding names and byte count.
 
-The cache is a plain dict pytree whose groups mirror the parameter tree (``cache[group]["k"]``,
-``cache[group]["v"]``). Shapes use B batch, S the maximum length (prompt + generated tokens),
-K kv heads, D head dim, T loop iterations, L layers of the group, W' = min(W, S)::
+The cache is a dict pytree whose groups mirror the parameter tree; each group is a list with one
+``{"k": ..., "v": ...}`` entry per layer *application*, in execution order (iteration-major:
+entry ``t * L + l`` is layer l in loop iteration t). Every buffer is ``[B, K, S, D]`` (kv heads
+before length, so decode attention is a plain batched matmul; B batch, K kv heads, D head dim)::
 
-  transformer, looped  "decoder":      [T, L, B, S, K, D]   one full buffer per layer application
-  rins                 "recursive":    [T, R, B, S, K, D]   the looped block A (T applications)
-                       "decoder":      [1, L-R, B, S, K, D] block B, applied once
-  yoco, yocou          "self_decoder": [T, L/2, B, W', K, D] one ring buffer per (iteration, layer)
-                       "global_kv":    [B, S, K, D]          YOCO's single global K/V
+  transformer, looped  "decoder":      T * L buffers of S tokens   (T = 1 for transformer)
+  rins                 "recursive":    T * R buffers of S tokens   (the looped first R layers)
+                       "decoder":      L - R buffers of S tokens
+  yoco, yocou          "self_decoder": T * L/2 ring buffers of W' = min(W, S) tokens
+                       "global_kv":    one buffer of S tokens      (YOCO's single global K/V)
 
-Token ``p`` of a sequence lives at index ``p`` of a full buffer and at slot ``p % W'`` of a ring
-buffer. Positions are never stored: with ``n`` tokens in the cache, ring slot ``s`` holds position
-``n - 1 - ((n - 1 - s) mod W')`` (empty when negative). The per-sequence ``n`` is kept beside the
-cache (``engine.DecodeState.lengths``), so the cache's bytes are K and V alone and equal
-``accounting.kv_cache_bytes(cfg, S, B)`` exactly.
+S is the maximum length (prompt + generated tokens). Token ``p`` of a sequence lives at index
+``p`` of a full buffer and at slot ``p % W'`` of a ring buffer. Positions are never stored: with
+``n`` tokens in the cache, ring slot ``s`` holds position ``n - 1 - ((n - 1 - s) mod W')`` (empty
+when negative). The per-sequence ``n`` is kept beside the cache (``engine.DecodeState.lengths``),
+so the cache's bytes are K and V alone and equal ``accounting.kv_cache_bytes(cfg, S, B)``.
+
+One array per application (rather than one stacked array) keeps every cache update in place:
+XLA copies a stacked buffer that a loop both updates and reads.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,12 +33,11 @@ import numpy as np
 from yocou_jax.config import ModelConfig
 
 Array = jax.Array
-Cache = dict[str, dict[str, Array]]
+Cache = dict[str, list[dict[str, Array]]]
 
-# Logical axis names of the cache arrays: batch over the data axes, kv heads over 'tensor', as
-# the activations they are made from (see yocou_jax/sharding.py).
-STACKED_AXES = (None, None, "activation_batch", "cache_length", "activation_kv_heads", None)
-GLOBAL_AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)
+# Logical axis names of every cache buffer: batch over the data axes and kv heads over 'tensor',
+# like the activations they are made from (see yocou_jax/sharding.py).
+AXES = ("activation_batch", "activation_kv_heads", "cache_length", None)
 
 
 def ring_length(cfg: ModelConfig, max_len: int) -> int:
@@ -42,47 +45,43 @@ def ring_length(cfg: ModelConfig, max_len: int) -> int:
   return min(cfg.window, max_len)
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
-  """{group: shape of its K (and V) buffer} for ``cfg.arch`` (see the module docstring)."""
-  kv = (cfg.num_kv_heads, cfg.head_dim)
+def layout(cfg: ModelConfig, max_len: int) -> dict[str, tuple[int, int]]:
+  """{group: (layer applications, tokens per buffer)} for ``cfg.arch``, in forward order."""
   t = cfg.num_iterations
-  if cfg.is_decoder_decoder:
-    t = t if cfg.arch == "yocou" else 1
-    return {"self_decoder": (t, cfg.num_self_layers, batch, ring_length(cfg, max_len), *kv),
-            "global_kv": (batch, max_len, *kv)}
+  if cfg.arch == "yoco":
+    return {"self_decoder": (cfg.num_self_layers, ring_length(cfg, max_len)),
+            "global_kv": (1, max_len)}
+  if cfg.arch == "yocou":
+    return {"self_decoder": (t * cfg.num_self_layers, ring_length(cfg, max_len)),
+            "global_kv": (1, max_len)}
   if cfg.arch == "transformer":
-    return {"decoder": (1, cfg.num_layers, batch, max_len, *kv)}
+    return {"decoder": (cfg.num_layers, max_len)}
   if cfg.arch == "looped":
-    return {"decoder": (t, cfg.num_layers, batch, max_len, *kv)}
-  shapes = {"recursive": (t, cfg.num_recursive_layers, batch, max_len, *kv)}
+    return {"decoder": (t * cfg.num_layers, max_len)}
+  groups = {"recursive": (t * cfg.num_recursive_layers, max_len)}
   if cfg.num_layers > cfg.num_recursive_layers:
-    shapes["decoder"] = (1, cfg.num_layers - cfg.num_recursive_layers, batch, max_len, *kv)
-  return shapes
+    groups["decoder"] = (cfg.num_layers - cfg.num_recursive_layers, max_len)
+  return groups
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
   """Zero K/V buffers in the activation dtype."""
-  dtype = cfg.compute_dtype
-  return {group: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for group, shape in cache_shapes(cfg, batch, max_len).items()}
+  def buffer(length):
+    return jnp.zeros((batch, cfg.num_kv_heads, length, cfg.head_dim), cfg.compute_dtype)
 
-
-def logical_axes(cache: Mapping[str, Any]) -> Any:
-  """The logical axis names of every cache array (same tree structure)."""
-  return jax.tree.map(lambda x: GLOBAL_AXES if len(x.shape) == 4 else STACKED_AXES, cache)
+  return {group: [{"k": buffer(length), "v": buffer(length)} for _ in range(count)]
+          for group, (count, length) in layout(cfg, max_len).items()}
 
 
 def constrain(cache: Cache) -> Cache:
   """Pins the cache's sharding by logical names (a no-op outside a mesh/rules scope)."""
-  return jax.tree.map(lambda x, axes: nn.with_logical_constraint(x, axes), cache,
-                      logical_axes(cache), is_leaf=lambda x: isinstance(x, jax.Array))
+  return jax.tree.map(lambda x: nn.with_logical_constraint(x, AXES), cache)
 
 
 def shardings(cache: Any, mesh: jax.sharding.Mesh, rules) -> Any:
   """NamedShardings of a cache (or of its ``jax.eval_shape``) on ``mesh`` under ``rules``."""
-  specs = jax.tree.map(lambda axes: jax.P(*axes), logical_axes(cache),
-                       is_leaf=lambda x: isinstance(x, tuple))
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  spec = nn.logical_to_mesh_sharding(jax.P(*AXES), mesh, rules)
+  return jax.tree.map(lambda _: spec, cache)
 
 
 def cache_bytes(cache: Any) -> int:

@@ -63,7 +63,12 @@ class Options:
   """Inference knobs that do not change the model."""
 
   chunk_size: int = 512  # Prefill tokens per chunk (per sequence): bounds prefill memory.
-  block_size: int = 512  # Key block of cached full attention; query sub-block of window attention.
+  kv_block: int = 512  # Keys per block of cached full/global attention for a prefill chunk.
+  decode_kv_block: int = 8192  # The same for one decode token (few query rows, bigger blocks).
+  window_block: int = 128  # Query sub-block of sliding-window attention over a chunk.
+
+  def kv_block_for(self, num_queries: int) -> int:
+    return self.decode_kv_block if num_queries == 1 else self.kv_block
 
 
 def init_state(cfg: ModelConfig, batch: int, max_len: int) -> DecodeState:
@@ -98,64 +103,50 @@ def _positions(lengths_B: Array, c: int) -> Array:
   return lengths_B[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
 
 
-def _loop_indices(iterations: int, num_layers: int) -> tuple[Array, Array]:
-  """(iteration, layer) of every layer application, in execution order."""
-  t, l = np.meshgrid(np.arange(iterations), np.arange(num_layers), indexing="ij")
-  return jnp.asarray(t.ravel(), jnp.int32), jnp.asarray(l.ravel(), jnp.int32)
-
-
-def _layer_params(stack: Params, l: Array) -> Params:
+def _layer_params(stack: Params, l: int) -> Params:
   return jax.tree.map(lambda w: w[l], stack)
 
 
-def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, kv: dict, lengths_B: Array,
+def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, rings: list, lengths_B: Array,
                   counts_B: Array, opts: Options):
-  """The self-decoder: (L/2 SWA layers) x T, ring buffer kv[t, l] per application."""
+  """The self-decoder: (L/2 SWA layers) x T, one ring buffer per application (unrolled)."""
   positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
-
-  def step(carry, tl):
-    x, ring_k, ring_v = carry
-    t, l = tl
-    lp = _layer_params(stack, l)
-    q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x), positions_BxC)
-    out, new_k, new_v = attn_lib.window_attention(
-        q, k, v, ring_k[t, l], ring_v[t, l], lengths_B, counts_B, window=cfg.window,
-        block_size=opts.block_size)
-    x = _feed_forward(cfg, lp, x + _attention_out(cfg, lp["attn"], out))
-    return (x, ring_k.at[t, l].set(new_k), ring_v.at[t, l].set(new_v)), None
-
-  iterations = kv["k"].shape[0]
-  (x_BxCxD, k, v), _ = jax.lax.scan(step, (x_BxCxD, kv["k"], kv["v"]),
-                                    _loop_indices(iterations, kv["k"].shape[1]))
-  return x_BxCxD, {"k": k, "v": v}
+  num_layers = jax.tree.leaves(stack)[0].shape[0]
+  updated = []
+  for a, ring in enumerate(rings):
+    lp = _layer_params(stack, a % num_layers)
+    q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD), positions_BxC)
+    out, ring_k, ring_v = attn_lib.window_attention(
+        q, attn_lib.heads_first(k), attn_lib.heads_first(v), ring["k"], ring["v"], lengths_B,
+        counts_B, window=cfg.window, block_size=opts.window_block)
+    x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
+    updated.append({"k": ring_k, "v": ring_v})
+  return x_BxCxD, updated
 
 
-def _write(buffer: Array, index: tuple, positions_BxC: Array, x_BxCxKxD: Array) -> Array:
-  """buffer[*index, b, positions[b, i]] = x[b, i]; positions past the buffer are dropped."""
+def _write(buffer_BxKxSxD: Array, positions_BxC: Array, x_BxCxKxD: Array) -> Array:
+  """buffer[b, :, positions[b, i]] = x[b, i]; positions past the buffer are dropped."""
   b_Bx1 = jnp.arange(x_BxCxKxD.shape[0])[:, None]
-  return buffer.at[(*index, b_Bx1, positions_BxC)].set(x_BxCxKxD, mode="drop")
+  return buffer_BxKxSxD.at[b_Bx1, :, positions_BxC].set(x_BxCxKxD, mode="drop")
 
 
-def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, kv: dict, lengths_B: Array,
+def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, buffers: list, lengths_B: Array,
                 opts: Options):
-  """Causal layers (x T for looped blocks) against full buffers kv[t, l] ([B, S, K, D] each)."""
+  """Causal layers (x T for looped blocks), one full buffer per application (unrolled)."""
   positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
-
-  def step(carry, tl):
-    x, cache_k, cache_v = carry
-    t, l = tl
-    lp = _layer_params(stack, l)
-    q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x), positions_BxC)
-    cache_k = _write(cache_k, (t, l), positions_BxC, k)
-    cache_v = _write(cache_v, (t, l), positions_BxC, v)
-    out = attn_lib.cache_attention(q, positions_BxC, cache_k, cache_v, (t, l),
-                                   block_size=opts.block_size, impl=cfg.attention_impl)
-    x = _feed_forward(cfg, lp, x + _attention_out(cfg, lp["attn"], out))
-    return (x, cache_k, cache_v), None
-
-  (x_BxCxD, k, v), _ = jax.lax.scan(step, (x_BxCxD, kv["k"], kv["v"]),
-                                    _loop_indices(*kv["k"].shape[:2]))
-  return x_BxCxD, {"k": k, "v": v}
+  num_layers = jax.tree.leaves(stack)[0].shape[0]
+  updated = []
+  for a, buffer in enumerate(buffers):
+    lp = _layer_params(stack, a % num_layers)
+    q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD), positions_BxC)
+    cache_k = _write(buffer["k"], positions_BxC, k)
+    cache_v = _write(buffer["v"], positions_BxC, v)
+    out = attn_lib.cache_attention(q, positions_BxC, cache_k, cache_v,
+                                   block_size=opts.kv_block_for(q.shape[1]),
+                                   impl=cfg.attention_impl)
+    x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
+    updated.append({"k": cache_k, "v": cache_v})
+  return x_BxCxD, updated
 
 
 def _global_kv(cfg: ModelConfig, p: Params, x_BxCxD: Array, positions_BxC: Array):
@@ -172,17 +163,17 @@ def _global_kv(cfg: ModelConfig, p: Params, x_BxCxD: Array, positions_BxC: Array
 def cross_decode(params: Params, cfg: ModelConfig, global_kv: dict, x_BxCxD: Array,
                  positions_BxC: Array, opts: Options) -> Array:
   """The cross-decoder for queries at ``positions`` over the global K/V buffer (keys j <= p)."""
-
-  def step(x, lp):
-    h = _apply(RMSNorm(cfg), lp["attn_norm"], x)
+  stack = params["cross_decoder"]["layers"]
+  for l in range(cfg.num_cross_layers):
+    lp = _layer_params(stack, l)
+    h = _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD)
     q = _apply(Projection(cfg, (cfg.num_heads, cfg.head_dim), _Q_AXES), lp["query"], h)
     if cfg.cross_rope:
       q = apply_rope(q, positions_BxC, cfg.rope_theta)
     out = attn_lib.cache_attention(q, positions_BxC, global_kv["k"], global_kv["v"],
-                                   block_size=opts.block_size, impl=cfg.attention_impl)
-    return _feed_forward(cfg, lp, x + _attention_out(cfg, lp, out)), None
-
-  x_BxCxD, _ = jax.lax.scan(step, x_BxCxD, params["cross_decoder"]["layers"])
+                                   block_size=opts.kv_block_for(q.shape[1]),
+                                   impl=cfg.attention_impl)
+    x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp, out))
   return x_BxCxD
 
 
@@ -203,8 +194,9 @@ def forward_chunk(params: Params, state: DecodeState, tokens_BxC: Array, counts_
         lengths_B, counts_B, opts)
     positions_BxC = _positions(lengths_B, tokens_BxC.shape[1])
     k, v = _global_kv(cfg, params["global_kv"], x_BxCxD, positions_BxC)
-    cache["global_kv"] = {"k": _write(cache["global_kv"]["k"], (), positions_BxC, k),
-                          "v": _write(cache["global_kv"]["v"], (), positions_BxC, v)}
+    (buffer,) = cache["global_kv"]
+    cache["global_kv"] = [{"k": _write(buffer["k"], positions_BxC, k),
+                           "v": _write(buffer["v"], positions_BxC, v)}]
   else:
     for group in ("recursive", "decoder"):
       if group in cache:
@@ -217,7 +209,8 @@ def _head(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Arr
           cfg: ModelConfig, opts: Options) -> Array:
   """Cross-decoder (yoco/yocou) and output head: float32 logits [B, C, V]."""
   if cfg.is_decoder_decoder:
-    x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"], x_BxCxD, positions_BxC, opts)
+    x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"][0], x_BxCxD, positions_BxC,
+                           opts)
   return Model(cfg).apply({"params": params}, x_BxCxD, method=Model.logits)
 
 
@@ -301,9 +294,13 @@ class Engine:
                        lengths=replicated)
 
   def init_state(self, batch: int, max_len: int) -> DecodeState:
-    make = functools.partial(init_state, self.cfg, batch, max_len)
     with self.scope():
-      return jax.jit(make, out_shardings=self.state_shardings(batch, max_len))()
+      return self._init_fn(batch, max_len)()
+
+  @functools.lru_cache(maxsize=8)
+  def _init_fn(self, batch: int, max_len: int):
+    return jax.jit(functools.partial(init_state, self.cfg, batch, max_len),
+                   out_shardings=self.state_shardings(batch, max_len))
 
   def prefill(self, params: Params, prompts_BxP: Array, lengths_B: Array,
               max_len: int) -> tuple[Array, DecodeState]:

@@ -1,0 +1,197 @@
+r"""Inference benchmark: prefill time, decode tokens/s and K/V-cache bytes against context length.
+
+  python -m experiments.bench_inference [--json_out=PATH] [--plot_out=PATH]
+
+Every arch gets the same width, heads, layers and window (default d 256, 8 layers, 8 heads of 32,
+2 kv heads, W 512, T 3; rins loops its first half T times), random weights, batch 1. For each
+context N it prefills an N-token prompt in chunks (``--chunk_size``; full attention reads only
+the causal prefix of its cache) and then decodes ``--decode_steps`` tokens greedily. Compilation
+is excluded: each (arch, context) first compiles its chunk and decode steps on the same shapes.
+Prints a table and the targets of issue #5, writes a PNG of throughput against context.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from absl import app, flags
+
+_ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou", "rins"], "Archs to run.")
+_CONTEXTS = flags.DEFINE_list("contexts", ["2048", "8192", "32768"], "Prompt lengths.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode steps per context.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 512, "Prefill chunk length.")
+_KV_BLOCK = flags.DEFINE_integer("kv_block", 512, "Key block of cached attention in prefill.")
+_DECODE_BLOCK = flags.DEFINE_integer("decode_kv_block", 2048, "Key block of decode attention.")
+_WINDOW_BLOCK = flags.DEFINE_integer("window_block", 128, "Query sub-block of window attention.")
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "Width.")
+_LAYERS = flags.DEFINE_integer("num_layers", 8, "Layers.")
+_HEADS = flags.DEFINE_integer("num_heads", 8, "Query heads (head_dim = d_model / heads).")
+_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 4, "K/V heads.")
+_WINDOW = flags.DEFINE_integer("window", 512, "Sliding window of the self-decoder.")
+_ITERATIONS = flags.DEFINE_integer("num_iterations", 3, "T: loops of yocou / rins.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+_PLOT_OUT = flags.DEFINE_string("plot_out", "bench_inference.png", "Throughput plot (PNG).")
+
+
+def model_config(arch: str):
+  from yocou_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  d, heads = _D_MODEL.value, _HEADS.value
+  return ModelConfig(arch=arch, num_layers=_LAYERS.value, d_model=d, num_heads=heads,
+                     num_kv_heads=_KV_HEADS.value, head_dim=d // heads, d_ff=3 * d,
+                     vocab_size=384, window=_WINDOW.value, num_iterations=_ITERATIONS.value,
+                     num_recursive_layers=_LAYERS.value // 2)
+
+
+def random_params(cfg, seed: int = 0):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda a: jax.numpy.asarray((cfg.init_std * rng.standard_normal(a.shape)).astype(a.dtype)),
+      accounting.abstract_params(cfg))
+
+
+def warm_up(engine, params, max_len: int) -> None:
+  """Compiles the prefill chunk, the prefill head and the decode step for ``max_len``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  prompt = np.full((1, engine.opts.chunk_size), 7, np.int32)
+  logits, state = engine.prefill(params, prompt, [prompt.shape[1]], max_len)
+  for _ in range(2):
+    logits, state = engine.decode(params, state, np.argmax(logits, -1))
+  jax.block_until_ready(logits)
+
+
+def measure(engine, params, context: int, steps: int, max_len: int) -> dict[str, Any]:
+  """Prefill time, decode tokens/s and live cache bytes at one context (compiled beforehand).
+
+  Every context of an arch shares one ``max_len`` (one compile); attention reads a full buffer
+  only up to the current position, so the unused tail costs memory, not time.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
+
+  prompt = np.random.default_rng(1).integers(3, 259, (1, context)).astype(np.int32)
+  start = time.perf_counter()
+  logits, state = engine.prefill(params, prompt, [context], max_len)
+  jax.block_until_ready(logits)
+  prefill_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(steps):
+    logits, state = engine.decode(params, state, np.argmax(logits, -1))
+  jax.block_until_ready(logits)
+  decode_s = time.perf_counter() - start
+  return {"context": context, "prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
+          "decode_tokens_per_s": steps / decode_s,
+          "cache_bytes_live": cache_lib.cache_bytes(state.cache), "max_len": max_len}
+
+
+def run() -> dict[str, list[dict[str, Any]]]:
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+  results: dict[str, list[dict[str, Any]]] = {}
+  opts = engine_lib.Options(chunk_size=_CHUNK.value, kv_block=_KV_BLOCK.value,
+                            decode_kv_block=_DECODE_BLOCK.value, window_block=_WINDOW_BLOCK.value)
+  contexts = [int(c) for c in _CONTEXTS.value]
+  max_len = max(contexts) + _DECODE_STEPS.value + 1
+  for arch in _ARCHS.value:
+    cfg = model_config(arch)
+    engine, params = engine_lib.Engine(cfg, opts), random_params(cfg)
+    warm_up(engine, params, max_len)
+    results[arch] = []
+    for context in contexts:
+      row = measure(engine, params, context, _DECODE_STEPS.value, max_len)
+      if row["cache_bytes_live"] != accounting.kv_cache_bytes(cfg, max_len):
+        raise AssertionError(f"{arch}: live cache bytes differ from accounting.kv_cache_bytes")
+      row["cache_bytes"] = accounting.kv_cache_bytes(cfg, context)
+      results[arch].append(row)
+      print(f"{arch:12s} {context:6d}: prefill {row['prefill_s']:8.2f} s, decode "
+            f"{row['decode_tokens_per_s']:7.1f} tok/s", flush=True)
+  return results
+
+
+def table(results) -> str:
+  lines = [f"{'arch':12s} {'context':>8s} {'prefill s':>10s} {'prefill tok/s':>14s} "
+           f"{'decode tok/s':>13s} {'cache MiB':>10s}"]
+  for arch, rows in results.items():
+    for r in rows:
+      lines.append(f"{arch:12s} {r['context']:8d} {r['prefill_s']:10.2f} "
+                   f"{r['prefill_tokens_per_s']:14,.0f} {r['decode_tokens_per_s']:13.1f} "
+                   f"{r['cache_bytes'] / 2**20:10.2f}")
+  return "\n".join(lines)
+
+
+def targets(results) -> list[tuple[str, float, str, bool]]:
+  """(target, measured value, threshold, met) for the claims of issue #5."""
+  if not {"transformer", "yocou"} <= set(results):
+    return []
+  by_ctx = {arch: {r["context"]: r for r in rows} for arch, rows in results.items()}
+  top = max(by_ctx["yocou"])
+  y, t = by_ctx["yocou"][top], by_ctx["transformer"][top]
+  checks = [("transformer / yocou prefill time", t["prefill_s"] / y["prefill_s"], ">= 5", 5.0),
+            ("yocou / transformer decode tokens/s",
+             y["decode_tokens_per_s"] / t["decode_tokens_per_s"], ">= 2", 2.0),
+            ("transformer / yocou cache bytes", t["cache_bytes"] / y["cache_bytes"], ">= 5", 5.0)]
+  out = [(f"{name} at {top}", value, thr, value >= bound) for name, value, thr, bound in checks]
+  if top // 4 in by_ctx["yocou"]:
+    ratio = y["prefill_s"] / by_ctx["yocou"][top // 4]["prefill_s"]
+    out.append((f"yocou prefill time {top} / {top // 4}", ratio, "<= 4.6", ratio <= 4.6))
+  return out
+
+
+def plot(results, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for arch, rows in results.items():
+    ctx = [r["context"] for r in rows]
+    axes[0].plot(ctx, [r["prefill_tokens_per_s"] for r in rows], "o-", label=arch)
+    axes[1].plot(ctx, [r["decode_tokens_per_s"] for r in rows], "o-", label=arch)
+    axes[2].plot(ctx, [r["cache_bytes"] / 2**20 for r in rows], "o-", label=arch)
+  for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s (batch 1)", "KV cache MiB")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  start = time.perf_counter()
+  results = run()
+  print("\n" + table(results))
+  checks = targets(results)
+  for name, value, threshold, met in checks:
+    print(f"target {name}: {value:.2f} ({threshold}) {'MET' if met else 'MISSED'}")
+  print(f"total {time.perf_counter() - start:.0f} s")
+  if _PLOT_OUT.value:
+    plot(results, _PLOT_OUT.value)
+    print(f"plot: {_PLOT_OUT.value}")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump({"results": results,
+                 "targets": [dict(name=n, value=v, threshold=t, met=m) for n, v, t, m in checks]},
+                f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
