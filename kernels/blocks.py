@@ -137,6 +137,36 @@ class Band:
   def q_visible(self, j: Index, step: Index) -> Index:
     return self.q_lo(j) + step <= self.q_hi(j)
 
+  # Fully visible blocks: every query of block i sees every key of block j (no band mask).
+  def fully_visible(self, i: Index, j: Index) -> Index:
+    below_diagonal = j * self.block_kv + self.block_kv - 1 <= i * self.block_q
+    if self.window is None:
+      return below_diagonal
+    return below_diagonal & (i * self.block_q + self.block_q - 1 - j * self.block_kv < self.window)
+
+  def kv_full_range(self, i: Index) -> tuple[Index, Index]:
+    """[start, end) of the fully visible key blocks of query block i, inside kv_lo..kv_hi.
+
+    The band's key blocks split into masked ``[kv_lo, start)``, unmasked ``[start, end)`` and
+    masked ``[end, kv_hi]`` (the window edge, the interior, the diagonal).
+    """
+    lo, end = self.kv_lo(i), self.kv_hi(i) + 1
+    first = lo
+    if self.window is not None:
+      first = _maximum(lo, div(_maximum(i * self.block_q + self.block_q - self.window, 0) +
+                               self.block_kv - 1, self.block_kv))
+    start = _minimum(first, end)
+    return start, _maximum(_minimum(div(i * self.block_q + 1, self.block_kv), end), start)
+
+  def q_full_range(self, j: Index) -> tuple[Index, Index]:
+    """[start, end) of the query blocks that fully see key block j, inside q_lo..q_hi."""
+    end = self.q_hi(j) + 1
+    start = _minimum(div(j * self.block_kv + self.block_kv - 1 + self.block_q - 1, self.block_q),
+                     end)
+    last = end if self.window is None else _minimum(div(self.window + j * self.block_kv,
+                                                        self.block_q), end)
+    return start, _maximum(last, start)
+
   def visited_pairs(self) -> int:
     """Number of (query block, key block) pairs the kernels compute (for FLOP accounting)."""
     i = np.arange(self.num_q_blocks)

@@ -2,7 +2,9 @@
 
 The Triton kernels keep the model layout ``[B, N, H, D]`` (strided loads are free on GPU) and
 walk the band with in-kernel loops instead of grid axes (Triton programs cannot carry
-scratch across grid steps):
+scratch across grid steps). Each loop is split into masked edges (window edge, diagonal) and an
+unmasked interior (:meth:`kernels.blocks.Band.kv_full_range`), and the softmax runs in base 2
+(``exp2``, log2(e) folded into the scale), as in FlashAttention's Triton kernels:
 
 * forward and dq: one program per (query block, batch, query head); it loops over the key
   blocks ``kv_lo(i) .. kv_hi(i)`` of :class:`kernels.blocks.Band`, so the work is O(N * W).
@@ -55,12 +57,40 @@ def _compiler_params(head_dim: int, num_stages: int):
   return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=num_stages)
 
 
-def _block_mask(band: Band, q_start, kv_start, shape, q_seg, kv_seg, transposed=False):
-  mask = blocks.band_mask(q_start, kv_start, shape, band.window, transposed=transposed)
+LOG2E = math.log2(math.e)
+
+
+def _scores(a: Array, b: Array, scale: float, softcap: Optional[float]):
+  """(base-2 logits for exp2, natural capped logits for the soft-cap gradient or None)."""
+  if softcap is None:
+    return _dot(a, b, NT_DIMS) * (scale * LOG2E), None  # One multiply: log2(e) folded in.
+  capped = blocks.softcap_logits(_dot(a, b, NT_DIMS) * scale, softcap)
+  return capped * LOG2E, capped
+
+
+def _block_mask(band: Band, with_band: bool, q_start, kv_start, shape, q_seg, kv_seg,
+                transposed=False):
+  """Mask of a block, or None for a fully visible block without segment ids."""
+  mask = None
+  if with_band:
+    mask = blocks.band_mask(q_start, kv_start, shape, band.window, transposed=transposed)
   if q_seg is not None:
-    mask &= (kv_seg[:, None] == q_seg[None, :]) if transposed else (q_seg[:, None] ==
-                                                                      kv_seg[None, :])
+    seg = (kv_seg[:, None] == q_seg[None, :]) if transposed else (q_seg[:, None] ==
+                                                                    kv_seg[None, :])
+    mask = seg if mask is None else mask & seg
   return mask
+
+
+def _masked(mask, x, fill):
+  return x if mask is None else jnp.where(mask, x, fill)
+
+
+def _band_loop(lo, full_range, hi_excl, body, carry):
+  """Runs body(masked, index, carry) over [lo, hi): masked edges, unmasked interior."""
+  start, end = full_range
+  carry = lax.fori_loop(lo, start, functools.partial(body, True), carry)
+  carry = lax.fori_loop(start, end, functools.partial(body, False), carry)
+  return lax.fori_loop(end, hi_excl, functools.partial(body, True), carry)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, band: Band,
@@ -70,26 +100,26 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, ban
   q = q_ref[...]
   q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq)]
 
-  def body(j, carry):
-    acc, m, l = carry
+  def body(with_band, j, carry):
+    acc, m, l = carry  # Base-2 running max and sum.
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
-    s = blocks.softcap_logits(_dot(q, k, NT_DIMS) * scale, softcap)
+    s, _ = _scores(q, k, scale, softcap)
     kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * bk, bk)]
-    mask = _block_mask(band, i * bq, j * bk, (bq, bk), q_seg, kv_seg)
-    s = jnp.where(mask, s, MASK_VALUE)
+    mask = _block_mask(band, with_band, i * bq, j * bk, (bq, bk), q_seg, kv_seg)
+    s = _masked(mask, s, MASK_VALUE)
     m_next = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
-    alpha = jnp.exp(m - m_next)
+    p = _masked(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+    alpha = jnp.exp2(m - m_next)
     acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
     return acc, m_next, alpha * l + jnp.sum(p, axis=1)
 
   init = (jnp.zeros(q.shape, F32), jnp.full((bq,), MASK_VALUE, F32), jnp.zeros((bq,), F32))
-  acc, m, l = lax.fori_loop(band.kv_lo(i), band.kv_hi(i) + 1, body, init)
+  acc, m, l = _band_loop(band.kv_lo(i), band.kv_full_range(i), band.kv_hi(i) + 1, body, init)
   empty = l == 0.0  # No visible key: output 0, never NaN.
   safe_l = jnp.where(empty, 1.0, l)
   o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(safe_l))
+  lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(safe_l))  # Base 2, for this module only.
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref, dq_ref, *,
@@ -100,18 +130,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref
   lse, di = lse_ref[...], di_ref[...]
   q_seg = None if qseg_ref is None else qseg_ref[pl.ds(i * bq, bq)]
 
-  def body(j, dq):
+  def body(with_band, j, dq):
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
-    s = blocks.softcap_logits(_dot(q, k, NT_DIMS) * scale, softcap)
+    s, capped = _scores(q, k, scale, softcap)
     kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * bk, bk)]
-    mask = _block_mask(band, i * bq, j * bk, (bq, bk), q_seg, kv_seg)
-    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    mask = _block_mask(band, with_band, i * bq, j * bk, (bq, bk), q_seg, kv_seg)
+    p = _masked(mask, jnp.exp2(s - lse[:, None]), 0.0)
     dp = _dot(do, v, NT_DIMS)
-    ds = blocks.softcap_grad(p * (dp - di[:, None]), s, softcap)
+    ds = blocks.softcap_grad(p * (dp - di[:, None]), capped, softcap)
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(band.kv_lo(i), band.kv_hi(i) + 1, body, jnp.zeros(q.shape, F32))
+  dq = _band_loop(band.kv_lo(i), band.kv_full_range(i), band.kv_hi(i) + 1, body,
+                  jnp.zeros(q.shape, F32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -122,23 +153,24 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_re
   k, v = k_ref[...], v_ref[...]
   kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * bk, bk)]
 
-  def query_block(g, i, carry):
+  def query_block(g, with_band, i, carry):
     dk, dv = carry
     rows = pl.ds(i * bq, bq)
     q, do = q_ref[rows, g, :], do_ref[rows, g, :]
     lse, di = lse_ref[g, rows], di_ref[g, rows]
-    s_t = blocks.softcap_logits(_dot(k, q, NT_DIMS) * scale, softcap)  # [bk, bq]
+    s_t, capped_t = _scores(k, q, scale, softcap)  # [bk, bq]
     q_seg = None if qseg_ref is None else qseg_ref[rows]
-    mask_t = _block_mask(band, i * bq, j * bk, (bk, bq), q_seg, kv_seg, transposed=True)
-    p_t = jnp.where(mask_t, jnp.exp(s_t - lse[None, :]), 0.0)
+    mask_t = _block_mask(band, with_band, i * bq, j * bk, (bk, bq), q_seg, kv_seg,
+                         transposed=True)
+    p_t = _masked(mask_t, jnp.exp2(s_t - lse[None, :]), 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do)
     dp_t = _dot(v, do, NT_DIMS)
-    ds_t = blocks.softcap_grad(p_t * (dp_t - di[None, :]), s_t, softcap)
+    ds_t = blocks.softcap_grad(p_t * (dp_t - di[None, :]), capped_t, softcap)
     return dk + _dot(ds_t.astype(q.dtype), q), dv
 
   def head(g, carry):
-    return lax.fori_loop(band.q_lo(j), band.q_hi(j) + 1, functools.partial(query_block, g),
-                         carry)
+    return _band_loop(band.q_lo(j), band.q_full_range(j), band.q_hi(j) + 1,
+                      functools.partial(query_block, g), carry)
 
   zeros = jnp.zeros(k.shape, F32)
   dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))

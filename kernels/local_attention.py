@@ -11,7 +11,8 @@ Layout: heads-major, ``q [B, H, N, D]``, ``k, v [B, K, N, D]`` with H = G * K (G
 blocks (:mod:`kernels.ops` pads and masks). Grids (see :class:`kernels.blocks.Band`):
 
 * forward and dq: ``(B, H, q blocks, kv steps)``; step s of query block i reads key block
-  ``kv_lo(i) + s``, so the work is O(N * (W + block)), not O(N^2). Softmax statistics live in
+  ``kv_lo(i) + s``, so the work is O(N * (W + block)), not O(N^2). Blocks inside the band skip
+  the mask arithmetic; only the window-edge and diagonal blocks compute it. Softmax statistics live in
   VMEM scratch across the (sequential, "arbitrary") kv-step axis, flash-attention style.
 * dk/dv: ``(B, K, kv blocks, G, q steps)``; the G query heads of a kv head and the query
   blocks that reach a key block are both reduction axes, so dk/dv accumulate in scratch and
@@ -96,6 +97,33 @@ def _scores(q: Array, k: Array, scale: float, softcap: Optional[float], dims) ->
   return blocks.softcap_logits(s, softcap)
 
 
+def _block_mask(band: Band, with_band: bool, q_start, kv_start, shape, rows_seg_ref,
+                cols_seg_ref, transposed: bool = False) -> Optional[Array]:
+  """Mask of a [rows, cols] block, or None for a fully visible block without segment ids.
+
+  ``rows_seg_ref`` holds the ids of the rows as [rows, 128] columns, ``cols_seg_ref`` those of
+  the columns as [8, cols] rows (queries on rows, or keys when ``transposed``).
+  """
+  mask = None
+  if with_band:
+    mask = blocks.band_mask(q_start, kv_start, shape, band.window, transposed=transposed)
+  if rows_seg_ref is not None:
+    seg = _to_width(rows_seg_ref[...], shape[1]) == cols_seg_ref[:1, :]
+    mask = seg if mask is None else mask & seg
+  return mask
+
+
+def _masked(mask: Optional[Array], x: Array, fill) -> Array:
+  return x if mask is None else jnp.where(mask, x, fill)
+
+
+def _when_visible(visible, full, body) -> None:
+  """Runs ``body(with_band)``: without the band mask on fully visible blocks (the interior of
+  the band), with it on edge blocks (the window edge and the diagonal)."""
+  pl.when(visible & full)(functools.partial(body, False))
+  pl.when(visible & jnp.logical_not(full))(functools.partial(body, True))
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward.
 
@@ -114,22 +142,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr,
 
   j = band.kv_block(i, step)
 
-  @pl.when(band.kv_visible(i, step))
-  def _accumulate():
+  def accumulate(with_band: bool):
     v = v_ref[...]
     s = _scores(q_ref[...], k_ref[...], scale, softcap, NT_DIMS)
-    mask = blocks.band_mask(i * bq, j * bk, (bq, bk), band.window)
-    if qseg_ref is not None:
-      mask &= _to_width(qseg_ref[...], bk) == kvseg_ref[:1, :]
-    s = jnp.where(mask, s, MASK_VALUE)
+    mask = _block_mask(band, with_band, i * bq, j * bk, (bq, bk), qseg_ref, kvseg_ref)
+    s = _masked(mask, s, MASK_VALUE)
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - _to_width(m_next, bk)), 0.0)
+    p = _masked(mask, jnp.exp(s - _to_width(m_next, bk)), 0.0)
     alpha = jnp.exp(m_prev - m_next)
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_scr[...] = m_next
     pv = lax.dot_general(p.astype(v.dtype), v, NN_DIMS, preferred_element_type=F32)
     acc_scr[...] = _to_width(alpha, head_dim) * acc_scr[...] + pv
+
+  _when_visible(band.kv_visible(i, step), band.fully_visible(i, j), accumulate)
 
   @pl.when(step == band.kv_steps - 1)
   def _finish():
@@ -206,17 +233,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref
 
   j = band.kv_block(i, step)
 
-  @pl.when(band.kv_visible(i, step))
-  def _accumulate():
+  def accumulate(with_band: bool):
     k, v = k_ref[...], v_ref[...]
     s = _scores(q_ref[...], k, scale, softcap, NT_DIMS)
-    mask = blocks.band_mask(i * bq, j * bk, (bq, bk), band.window)
-    if qseg_ref is not None:
-      mask &= _to_width(qseg_ref[...], bk) == kvseg_ref[:1, :]
-    p = jnp.where(mask, jnp.exp(s - _to_width(lse_ref[...], bk)), 0.0)
+    mask = _block_mask(band, with_band, i * bq, j * bk, (bq, bk), qseg_ref, kvseg_ref)
+    p = _masked(mask, jnp.exp(s - _to_width(lse_ref[...], bk)), 0.0)
     dp = lax.dot_general(do_ref[...], v, NT_DIMS, preferred_element_type=F32)
     ds = blocks.softcap_grad(p * (dp - _to_width(di_ref[...], bk)), s, softcap)
     dq_scr[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS, preferred_element_type=F32)
+
+  _when_visible(band.kv_visible(i, step), band.fully_visible(i, j), accumulate)
 
   @pl.when(step == band.kv_steps - 1)
   def _finish():
@@ -240,18 +266,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, kvseg_ref, qseg_re
 
   i = band.q_block(j, step)
 
-  @pl.when(band.q_visible(j, step))
-  def _accumulate():
+  def accumulate(with_band: bool):
     q, do = q_ref[...], do_ref[...]
     s_t = _scores(k_ref[...], q, scale, softcap, NT_DIMS)  # [bk, bq]
-    mask_t = blocks.band_mask(i * bq, j * bk, (bk, bq), band.window, transposed=True)
-    if kvseg_ref is not None:
-      mask_t &= _to_width(kvseg_ref[...], bq) == qseg_ref[:1, :]
-    p_t = jnp.where(mask_t, jnp.exp(s_t - lse_ref[:1, :]), 0.0)
+    mask_t = _block_mask(band, with_band, i * bq, j * bk, (bk, bq), kvseg_ref, qseg_ref,
+                         transposed=True)
+    p_t = _masked(mask_t, jnp.exp(s_t - lse_ref[:1, :]), 0.0)
     dv_scr[...] += lax.dot_general(p_t.astype(do.dtype), do, NN_DIMS, preferred_element_type=F32)
     dp_t = lax.dot_general(v_ref[...], do, NT_DIMS, preferred_element_type=F32)
     ds_t = blocks.softcap_grad(p_t * (dp_t - di_ref[:1, :]), s_t, softcap)
     dk_scr[...] += lax.dot_general(ds_t.astype(q.dtype), q, NN_DIMS, preferred_element_type=F32)
+
+  _when_visible(band.q_visible(j, step), band.fully_visible(i, j), accumulate)
 
   @pl.when((g == groups - 1) & (step == band.q_steps - 1))
   def _finish():
