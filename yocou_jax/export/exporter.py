@@ -53,7 +53,8 @@ class Checkpoint:
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def load_checkpoint(workdir: str, step: Optional[int] = None) -> Checkpoint:

@@ -89,10 +89,14 @@ class TensorSpec:
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
-  """The params tree of ``cfg`` as ShapeDtypeStructs (nothing is allocated)."""
+  """The params tree of ``cfg`` as ShapeDtypeStructs (nothing is allocated).
+
+  The attention backend does not change the parameters; XLA's traces on any machine.
+  """
+  model = Model(cfg.replace(attention_impl="xla", remat="none"))
   tokens = jnp.zeros((1, 8), jnp.int32)
   return jax.eval_shape(
-      lambda: nn.meta.unbox(Model(cfg).init(jax.random.key(0), tokens)["params"]))
+      lambda: nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"]))
 
 
 def _kernel_in_ndim(path: tuple[str, ...]) -> Optional[int]:

@@ -22,7 +22,7 @@ from yocou_jax.model import Model
 @functools.lru_cache(maxsize=16)
 def _forward_fn(cfg: ModelConfig):
   """One jitted float32 forward per config (compiled once per input shape)."""
-  model = Model(cfg.replace(dtype="float32", remat="none"))
+  model = Model(cfg.replace(dtype="float32", remat="none", attention_impl="xla"))
   return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
 
 
