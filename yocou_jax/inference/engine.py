@@ -249,7 +249,8 @@ class Generation:
   decode_seconds: float
   prompt_tokens: int
   decode_steps: int
-  cache_bytes: int
+  cache_bytes: int  # Live K/V arrays.
+  max_len: int  # Tokens the cache was allocated for, per sequence.
 
   @property
   def prefill_tokens_per_sec(self) -> float:
@@ -288,7 +289,7 @@ class Engine:
   def state_shardings(self, batch: int, max_len: int) -> Optional[DecodeState]:
     if self.mesh is None:
       return None
-    abstract = jax.eval_shape(init_state, self.cfg, batch, max_len)
+    abstract = jax.eval_shape(lambda: init_state(self.cfg, batch, max_len))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
     return DecodeState(cache=cache_lib.shardings(abstract.cache, self.mesh, self.rules),
                        lengths=replicated)
@@ -363,4 +364,4 @@ class Engine:
     return Generation(tokens=outputs, prefill_seconds=prefill_s,
                       decode_seconds=time.perf_counter() - start,
                       prompt_tokens=int(lengths.sum()), decode_steps=steps,
-                      cache_bytes=cache_lib.cache_bytes(state.cache))
+                      cache_bytes=cache_lib.cache_bytes(state.cache), max_len=max_len)

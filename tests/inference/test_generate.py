@@ -1,0 +1,87 @@
+"""Generation: stop tokens, greedy = the full forward's argmax chain, and the generate binary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import flagsaver
+
+from experiments import generate as generate_bin
+from experiments.configs import default
+from yocou_jax import accounting
+from yocou_jax.config import ModelConfig
+from yocou_jax.data import tokenizers
+from yocou_jax.inference import engine as engine_lib
+from yocou_jax.train import checkpoint as ckpt_lib
+from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import step as step_lib
+from tests.inference import reference as ref_lib
+
+
+def test_greedy_generation_follows_forward_argmax_and_stops():
+  cfg = ref_lib.tiny("yocou")
+  params = ref_lib.random_params(cfg, seed=7)
+  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4, kv_block=4, window_block=2))
+  prompts = [[5, 9, 3, 11, 20, 1, 7], [8, 2, 40]]
+  free = engine.generate(params, prompts, 10, max_len=17)
+  for prompt, out in zip(prompts, free.tokens):
+    assert len(out) == 10
+    seq = np.asarray([prompt + out])
+    logits = ref_lib.reference_logits(cfg, params, seq)[0]
+    np.testing.assert_array_equal(logits[len(prompt) - 1:-1].argmax(-1), out)
+  stop = free.tokens[0][2]
+  stopped = engine.generate(params, prompts, 10, stop_tokens=[stop], max_len=17)
+  for out, cut in zip(free.tokens, stopped.tokens):
+    end = out.index(stop) + 1 if stop in out else len(out)
+    assert cut == out[:end]
+  assert free.cache_bytes == accounting.kv_cache_bytes(cfg, 17, 2)
+
+
+def _write_run(workdir: str, arch: str = "yocou"):
+  """A checkpoint exactly as the trainer writes it (state, config) plus the byte tokenizer."""
+  config = default.get_config()
+  config.model.update(arch=arch, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                      head_dim=8, d_ff=64, vocab_size=384, window=4, num_iterations=2,
+                      attention_block_size=64)
+  config.data.seq_len = 32
+  cfg = ModelConfig.from_config(config.model)
+  params = jax.tree.map(jnp.asarray, ref_lib.random_params(cfg, seed=11, std=0.3))
+  tx = optimizer_lib.make_optimizer(config.train)
+  state = step_lib.TrainState(step=jnp.asarray(5, jnp.int32), params=params,
+                              opt_state=tx.init(params))
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=2, use_async=False)
+  checkpointer.save(5, state, config=config.to_dict())
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  tokenizers.ByteTokenizer().save(f"{workdir}/tokenizer")
+  return cfg, params
+
+
+def test_generate_binary_loads_checkpoint_and_reports(tmp_path, capsys):
+  workdir = str(tmp_path)
+  cfg, params = _write_run(workdir)
+  loaded = generate_bin.load(workdir)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
+  prompts = ["ab", "hello"]
+  with flagsaver.flagsaver(workdir=workdir, prompt=prompts, max_new_tokens=5, warmup=False,
+                           chunk_size=4):
+    generate_bin.main(["generate"])
+  out = capsys.readouterr().out
+  # The printed continuations are the engine's greedy ones on the checkpoint's params.
+  tok = tokenizers.ByteTokenizer()
+  ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+  want = engine_lib.Engine(cfg).generate(params, ids, 5, stop_tokens=[tok.eos_id]).tokens
+  for prompt, tokens in zip(prompts, want):
+    assert f"{prompt}{tok.decode(tokens)}" in out
+  assert "checkpoint step 5: yocou" in out and "tokens/s" in out
+  formula = accounting.kv_cache_bytes(cfg, 6 + 5, 2)
+  assert f"{formula:,} bytes for 2 x 11 tokens (accounting.kv_cache_bytes: {formula:,})" in out
+
+
+def test_generate_at_another_depth(tmp_path):
+  workdir = str(tmp_path)
+  _write_run(workdir)
+  loaded = generate_bin.load(workdir, num_iterations=3)
+  assert loaded.model_cfg.num_iterations == 3
+  texts, result = generate_bin.generate(loaded, ["xyz"], 4, warmup=False, chunk_size=4)
+  assert len(texts) == 1 and result.decode_steps <= 3
+  assert result.cache_bytes == accounting.kv_cache_bytes(loaded.model_cfg, 4 + 4, 1)
