@@ -63,30 +63,38 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> Checkpoint:
   if not directory.is_dir():
     raise ExportError(f"no checkpoint in {workdir}: {directory} does not exist")
   manager = _manager(directory)
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise ExportError(f"no checkpoint in {workdir}: {directory} holds no committed step")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ExportError(f"step {step} is not in {directory}; saved steps: {steps}")
-  if not (directory / str(step) / "config").is_dir():
-    raise ExportError(f"checkpoint {directory / str(step)} has no config item")
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  model_cfg = ModelConfig.from_config(config["model"])
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise ExportError(f"no checkpoint in {workdir}: {directory} holds no committed step")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ExportError(f"step {step} is not in {directory}; saved steps: {steps}")
+    if not (directory / str(step) / "config").is_dir():
+      raise ExportError(f"checkpoint {directory / str(step)} has no config item")
+    config = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    model_cfg = ModelConfig.from_config(config["model"])
+    params = _restore_params(manager, step, model_cfg)
+  finally:
+    manager.close()
+  return Checkpoint(step, config, model_cfg, params)
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int, model_cfg: ModelConfig) -> Any:
+  """``state.params`` alone, as float32 host numpy whatever mesh saved it; shapes checked."""
   abstract = hf.abstract_params(model_cfg)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
-  params = state["state"]["params"]
+  params = restored["state"]["params"]
   for key_path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
     got = _get_path(params, key_path)
     if tuple(got.shape) != tuple(want.shape):
       raise ExportError(f"checkpoint step {step}: parameter {jax.tree_util.keystr(key_path)} has "
                         f"shape {got.shape}, config.model expects {want.shape}")
-  manager.close()
-  return Checkpoint(step, config, model_cfg, jax.tree.map(lambda x: np.asarray(x, np.float32),
-                                                          params))
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
 def _get_path(tree: Any, key_path) -> Any:
