@@ -38,6 +38,7 @@ from unittest import mock
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import mesh_utils
 from jax.experimental import topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -87,10 +88,16 @@ def parse_mesh(spec: Optional[str]) -> Optional[dict[str, int]]:
 def topology_mesh(topology: str, sizes: Mapping[str, int]) -> Mesh:
   """The (data, fsdp, tensor) mesh over the chips of ``topology`` (no TPU needed)."""
   generation(topology)
-  desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  shape = sharding_lib.resolve_mesh_shape(sizes, len(desc.devices))
-  mesh = topologies.make_mesh(desc, shape, sharding_lib.MESH_AXES)
-  return Mesh(mesh.devices, sharding_lib.MESH_AXES,
+  dims = [int(d) for d in topology.split(":")[1].split("x")]
+  kwargs = {}
+  if math.prod(dims) < 4:  # Smaller than one host (2x2x1 chips): the slice is its own host.
+    kwargs["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
+  # v4 topologies list both TensorCores of a chip; JAX on a v4 runs one megacore device per chip.
+  devices = [d for d in desc.devices if getattr(d, "core_on_chip", 0) == 0]
+  shape = sharding_lib.resolve_mesh_shape(sizes, len(devices))
+  grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  return Mesh(grid, sharding_lib.MESH_AXES,
               axis_types=(AxisType.Auto,) * len(sharding_lib.MESH_AXES))
 
 

@@ -1,0 +1,129 @@
+"""Tests for yocou_jax.aot and experiments/compile_for.py: TPU programs compiled on this CPU.
+
+Needs libtpu (the ``tpu`` test extra); no TPU. Each test compiles one tiny program for a TPU
+slice (the TPU compiler takes 10-40 s even for these on loaded cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from unittest import mock
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from experiments import compile_for
+from yocou_jax import accounting
+from yocou_jax import aot
+from yocou_jax.config import ConfigError, ModelConfig
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TINY = ("--config.model.num_layers=2", "--config.model.num_heads=2",
+         "--config.model.num_kv_heads=1", "--config.model.head_dim=64",
+         "--config.model.d_ff=384", "--config.model.vocab_size=256", "--config.model.window=32",
+         "--config.model.num_iterations=2", "--config.model.attention_block_size=32",
+         "--config.data.seq_len=128", "--config.train.batch_size=8")
+
+
+def _run_binary(*args: str) -> None:
+  """Runs experiments.compile_for in-process (SystemExit propagates)."""
+  argv = ["compile_for", f"--config={_REPO}/experiments/configs/default.py", *args]
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS(argv)
+    compile_for.main(["compile_for"])
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+  """Parameters replicated under the rules: RMSNorm scales (logical axis 'norm')."""
+  import jax  # pylint: disable=g-import-not-at-top
+  flat = jax.tree_util.tree_flatten_with_path(accounting.abstract_params(cfg))[0]
+  return sum(leaf.size for path, leaf in flat if "scale" in jax.tree_util.keystr(path))
+
+
+def test_train_step_v5p_fsdp(tmp_path, capsys):
+  """Full FSDP over 4 chips: parameter bytes, fit, FLOPs against the analytic count."""
+  path = tmp_path / "aot.json"
+  _run_binary(*_TINY, "--config.model.d_model=128", "--topology=v5p:2x2x1",
+              "--mesh=data:1,fsdp:-1,tensor:1", f"--json_out={path}")
+  (report,) = json.loads(path.read_text())
+  cfg = ModelConfig(arch="yocou", num_layers=2, d_model=128, num_heads=2, num_kv_heads=1,
+                    head_dim=64, d_ff=384, vocab_size=256, window=32, num_iterations=2,
+                    attention_block_size=32)
+  count, norms = accounting.param_counts(cfg)["total"], _norm_params(cfg)
+  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report["num_devices"] == 4 and report["hbm_bytes"] == 95 * 2 ** 30
+  # float32 params: every matrix split 4 ways over fsdp; the norm scales replicated.
+  assert report["bytes"]["parameters"] == (count - norms) * 4 // 4 + norms * 4
+  assert report["bytes"]["parameters"] == pytest.approx(count * 4 / 4, rel=0.01)
+  # Adam's two moments shard like the params; plus scalar counters.
+  assert 2 * report["bytes"]["parameters"] <= report["bytes"]["optimizer_state"]
+  assert report["bytes"]["optimizer_state"] < 2 * report["bytes"]["parameters"] + 1024
+  assert report["fits"] and 0 < report["bytes"]["total"] < 2 ** 30
+  assert report["bytes"]["temporaries"] > 0
+  # XLA counts each scanned layer once: compare on that basis (attention is XLA here).
+  flops = report["flops"]
+  assert flops["analytic"] == pytest.approx(accounting.train_flops_per_step(cfg, 128, 8))
+  assert abs(flops["xla_over_analytic_loops_once"] - 1) < 0.10
+  largest = report["largest_tensors"][0]
+  assert "fsdp" in largest["spec"] and largest["bytes_per_device"] * 4 == largest["global_bytes"]
+  out = capsys.readouterr().out
+  assert "fits" in out and "per device" in out
+
+
+def test_train_flops_basis():
+  """The loops-once basis: one layer per scan, remat=full counts the forward twice."""
+  cfg = ModelConfig(arch="transformer", num_layers=4, d_model=128, num_heads=2, num_kv_heads=1,
+                    head_dim=64, d_ff=384, vocab_size=256)
+  per_token = accounting.flops_per_token(cfg, 128)["by_part"]
+  once = aot.train_flops(cfg, 128, 8, 1)["analytic_loops_once"]
+  assert once == pytest.approx(3 * 128 * 8 * (per_token["decoder"] / 4 + per_token["lm_head"]))
+  remat = aot.train_flops(cfg.replace(remat="full"), 128, 8, 2)["analytic_loops_once"]
+  assert remat == pytest.approx(128 * 8 / 2 * (4 * per_token["decoder"] / 4
+                                               + 3 * per_token["lm_head"]))
+
+
+def test_decode_step_v4_kv_cache():
+  """v4 (32 GiB chips): the compiled decode step's cache equals the planner's KV cache."""
+  config = _config_from_flags(*_TINY, "--config.model.d_model=128")
+  mesh = aot.topology_mesh("v4:2x2x1", {"data": -1, "fsdp": 1, "tensor": 1})
+  report = aot.compile_inference(config, "v4:2x2x1", mesh, "decode", batch=4, context=256)
+  cfg = ModelConfig.from_config(config.model)
+  planned = accounting.kv_cache_bytes(cfg, 256, 4)
+  assert report.extra["kv_cache_planned_bytes"] == planned
+  assert report.extra["kv_cache_compiled_bytes"] == planned
+  assert report.bytes["kv_cache"] == planned // 4  # Batch over the 4 data-parallel chips.
+  assert report.hbm_bytes == 32 * 2 ** 30 and report.fits
+  assert report.flops["xla_raw"] > 0.5 * report.flops["analytic"]
+
+
+def _config_from_flags(*args: str):
+  argv = ["compile_for", f"--config={_REPO}/experiments/configs/default.py", *args]
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS(argv)
+    return compile_for._CONFIG.value  # pylint: disable=protected-access
+
+
+def test_too_big_for_one_chip_exits_nonzero(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _run_binary("--config.model.num_layers=2", "--config.model.d_model=16384",
+                "--config.model.num_heads=128", "--config.model.num_kv_heads=8",
+                "--config.model.head_dim=128", "--config.model.d_ff=65536",
+                "--config.model.vocab_size=256", "--config.data.seq_len=128",
+                "--config.train.batch_size=1", "--topology=v5e:1x1")
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err
+  assert "does NOT fit" in err and "GiB over the 16 GiB HBM of v5e" in err
+  assert "dominated by" in err
+
+
+def test_bad_topology_and_mesh():
+  with pytest.raises(ConfigError, match="topology"):
+    aot.generation("v9x:2x2")
+  with pytest.raises(ConfigError, match="mesh item"):
+    aot.parse_mesh("data:2,model:2")
+  assert aot.parse_mesh("fsdp:-1") == {"data": 1, "fsdp": -1, "tensor": 1}
+  with pytest.raises(ConfigError, match="do not divide"):
+    aot.topology_mesh("v5p:2x2x1", {"data": 3, "fsdp": -1, "tensor": 1})
