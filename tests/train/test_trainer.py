@@ -89,3 +89,21 @@ def test_bad_config_fails_at_start_with_named_field(field, value, message):
   with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(")) as info:
     trainer.validate_config(config, 8, 1)
   assert "\n" not in str(info.value)
+
+
+def test_training_starts_from_a_checkpoint_without_data_state(tmp_path):
+  """An imported checkpoint (params and step, no iterator state) starts a fresh data stream."""
+  config = tiny_config(steps=4)
+  model = Model(trainer.ModelConfig.from_config(config.model))
+  tx = optimizer_lib.make_optimizer(config.train)
+  state = step_lib.init_state_fn(model, tx, SEQ_LEN)(jax.random.key(config.seed))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "imported"), keep=3)
+  ckpt.save(0, state, config=config.to_dict())
+  ckpt.wait_until_finished()
+  ckpt.close()
+  from_import = trainer.train(config, str(tmp_path / "imported"), data=synthetic_data(),
+                              devices=jax.devices()[:1])
+  fresh = trainer.train(config, str(tmp_path / "fresh"), data=synthetic_data(),
+                        devices=jax.devices()[:1])
+  np.testing.assert_array_equal(losses(from_import), losses(fresh))
+  assert len(losses(from_import)) == 4

@@ -57,6 +57,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
     """Restores the state onto ``abstract_state``'s shardings (and the iterator in place)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    # Imported checkpoints (e.g. from Hugging Face) have no data state: the iterator starts fresh.
+    if data_iterator is not None and not os.path.isdir(os.path.join(self.directory, str(step),
+                                                                    "data")):
+      data_iterator = None
     if data_iterator is not None:
       items["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
