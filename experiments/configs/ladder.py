@@ -62,9 +62,11 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
                                 + 3 * d_model * swiglu_width(d_model))
   batch_rows = 512  # 4M tokens per step, as in the paper.
   steps = max(1000, TOKENS_PER_PARAM * non_embedding // (batch_rows * 8192))
+  # 16 microbatches of 32 rows: a v5p-8 / 8-GPU host holds 4 rows of 8192 per chip per pass
+  # (python -m experiments.compile_for checks a slice); use fewer on larger slices.
   config.train.update(batch_size=batch_rows, steps=steps, learning_rate=1e-3, b1=0.9, b2=0.95,
                       warmup_steps=375, schedule="linear", min_lr_ratio=0.0, weight_decay=0.05,
-                      z_loss=1e-4)
+                      z_loss=1e-4, microbatches=16)
   config.eval.update(every_steps=500, num_batches=16, batch_size=64)
   config.checkpoint.update(every_steps=500, keep=3)
   config.logging.every_steps = 20
@@ -81,7 +83,7 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
                         dtype="float32", remat="none")
     config.data.update(seq_len=256, tokenizer="byte")
     config.train.update(batch_size=8, steps=300, learning_rate=3e-3, warmup_steps=30,
-                        z_loss=0.0)
+                        z_loss=0.0, microbatches=1)
     config.eval.update(every_steps=100, num_batches=4, batch_size=8)
     config.checkpoint.every_steps = 100
     config.logging.every_steps = 10
