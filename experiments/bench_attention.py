@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import time
 
 from absl import app, flags
@@ -43,7 +42,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "Rows.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Input dtype (default: bfloat16 on accelerators, float32 on CPU).")
 _IMPLS = flags.DEFINE_list("impls", ["xla", "pallas", "cudnn"], "Implementations to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (best).")
 _INTERPRET_MAX_SEQ = flags.DEFINE_integer(
     "interpret_max_seq", 0, "Longest N for Pallas in interpret mode on CPU (not a speed figure; "
     "about 80 s for forward+backward at N=4096).")
@@ -70,14 +69,15 @@ def attention_fn(impl: str, window: int):
 
 
 def time_call(fn, *args, repeats: int) -> float:
-  """Median wall time of ``fn(*args)`` after a compile-and-warm-up call."""
+  """Best wall time of ``fn(*args)`` after a compile-and-warm-up call (least disturbed by load
+  from other processes)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return min(times)
 
 
 def measure(impl: str, n: int, dtype) -> dict | None:

@@ -8,31 +8,33 @@ One kernel family serves both attentions of YOCO-U:
 
 Layout: heads-major, ``q [B, H, N, D]``, ``k, v [B, K, N, D]`` with H = G * K (GQA: query head
 ``h`` reads kv head ``h // G``; K/V are never repeated in memory). N is already padded to the
-blocks (:mod:`kernels.ops` pads and masks). Grids (see :class:`kernels.blocks.Band`):
+blocks (:mod:`kernels.ops` pads). Grids (see :class:`kernels.blocks.Band`):
 
 * forward and dq: ``(B, H, q blocks, kv steps)``; step s of query block i reads key block
-  ``kv_lo(i) + s``, so the work is O(N * (W + block)), not O(N^2). Blocks inside the band skip
-  the mask arithmetic; only the window-edge and diagonal blocks compute it. Softmax statistics live in
+  ``kv_lo(i) + s``, so the work is O(N * (W + block)), not O(N^2). Softmax statistics live in
   VMEM scratch across the (sequential, "arbitrary") kv-step axis, flash-attention style.
 * dk/dv: ``(B, K, kv blocks, G, q steps)``; the G query heads of a kv head and the query
   blocks that reach a key block are both reduction axes, so dk/dv accumulate in scratch and
-  are written once (no [B, H, N, D] dk intermediate).
+  are written once (no [B, H, N, D] dk intermediate). Scores are computed transposed (keys on
+  rows), so no matrix is transposed in the kernel.
 
-Per-row statistics use TPU-friendly layouts: columns ``[rows, 128]`` replicated along lanes
-(max, sum, logsumexp in the forward and dq kernels) and rows ``[8, cols]`` replicated along
-sublanes (logsumexp and ``di = rowsum(o * do)`` in the transposed dk/dv kernel), as in jax's
-splash attention. Segment ids come in both layouts too.
+Blocks inside the band skip the mask arithmetic; only window-edge and diagonal blocks (and
+every block when segment ids are given) compute it. Per-row data (logsumexp, ``di = rowsum(o *
+do)``, segment ids) is stored compactly as rows ``[B, (H,) 1, N]``: a kernel reads a ``(1, block)``
+row and turns it into a column where it needs one. Running max and sum are ``[rows, 128]``
+lane-replicated scratch, as in jax's splash attention.
 
-On a TPU the kernels compile with Mosaic (block_kv a multiple of 128, block_q of 8);
-``interpret=True`` runs them anywhere (the CPU test path) and
-``interpret=pltpu.InterpretParams()`` simulates TPU memory (out-of-bounds reads, races).
+On a TPU the kernels compile with Mosaic (blocks multiples of 128); ``interpret=True`` runs
+them anywhere (the CPU test path) and ``interpret=pltpu.InterpretParams()`` simulates TPU
+memory (out-of-bounds reads, races). ``python -m kernels.tpu_compile_check`` compiles them for
+a TPU topology ahead of time on a machine without TPUs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,35 +48,9 @@ from kernels.blocks import MASK_VALUE, Band
 Array = jax.Array
 
 LANES = 128
-SUBLANES = 8
 NT_DIMS = (((1,), (1,)), ((), ()))  # x @ y.T
 NN_DIMS = (((1,), (0,)), ((), ()))  # x @ y
-TN_DIMS = (((0,), (0,)), ((), ()))  # x.T @ y
 F32 = jnp.float32
-
-
-class Segments(NamedTuple):
-  """Query and key segment ids [B, N] in the two layouts the kernels read."""
-
-  q_col_BxNxL: Array  # Query ids replicated along lanes: a block is [rows, 128].
-  kv_row_Bx8xN: Array  # Key ids replicated along sublanes: a block is [8, cols].
-  kv_col_BxNxL: Array  # The transposed pair, for the dk/dv kernel (keys on rows).
-  q_row_Bx8xN: Array
-
-
-def make_segments(q_segment_ids_BxN: Optional[Array],
-                  kv_segment_ids_BxN: Optional[Array] = None) -> Optional[Segments]:
-  """Kernel layouts of the segment ids; keys default to the query ids (self attention)."""
-  if q_segment_ids_BxN is None:
-    return None
-  q_seg = q_segment_ids_BxN.astype(jnp.int32)
-  kv_seg = q_seg if kv_segment_ids_BxN is None else kv_segment_ids_BxN.astype(jnp.int32)
-  b, n = q_seg.shape
-  col = lambda x: lax.broadcast_in_dim(x, (b, n, LANES), (0, 1))  # pylint: disable=unnecessary-lambda-assignment
-  row = lambda x: lax.broadcast_in_dim(x, (b, SUBLANES, n), (0, 2))  # pylint: disable=unnecessary-lambda-assignment
-  q_col, q_row = col(q_seg), row(q_seg)
-  kv_col, kv_row = (q_col, q_row) if kv_seg is q_seg else (col(kv_seg), row(kv_seg))
-  return Segments(q_col, kv_row, kv_col, q_row)
 
 
 def _to_width(x_RxL: Array, width: int) -> Array:
@@ -87,13 +63,18 @@ def _to_width(x_RxL: Array, width: int) -> Array:
   return jnp.broadcast_to(x_RxL[:, :1], (x_RxL.shape[0], width))
 
 
+def _column(row_ref) -> Array:
+  """A (1, n) row block as an (n, 1) column."""
+  return row_ref[0][:, None]
+
+
 def _compiler_params(num_parallel: int, num_arbitrary: int):
   return pltpu.CompilerParams(
       dimension_semantics=("parallel",) * num_parallel + ("arbitrary",) * num_arbitrary)
 
 
-def _scores(q: Array, k: Array, scale: float, softcap: Optional[float], dims) -> Array:
-  s = lax.dot_general(q, k, dims, preferred_element_type=F32) * scale
+def _scores(a: Array, b: Array, scale: float, softcap: Optional[float]) -> Array:
+  s = lax.dot_general(a, b, NT_DIMS, preferred_element_type=F32) * scale
   return blocks.softcap_logits(s, softcap)
 
 
@@ -101,14 +82,14 @@ def _block_mask(band: Band, with_band: bool, q_start, kv_start, shape, rows_seg_
                 cols_seg_ref, transposed: bool = False) -> Optional[Array]:
   """Mask of a [rows, cols] block, or None for a fully visible block without segment ids.
 
-  ``rows_seg_ref`` holds the ids of the rows as [rows, 128] columns, ``cols_seg_ref`` those of
-  the columns as [8, cols] rows (queries on rows, or keys when ``transposed``).
+  The segment refs are (1, rows) and (1, cols) rows: queries on rows, keys on columns (the
+  other way round when ``transposed``).
   """
   mask = None
   if with_band:
     mask = blocks.band_mask(q_start, kv_start, shape, band.window, transposed=transposed)
   if rows_seg_ref is not None:
-    seg = _to_width(rows_seg_ref[...], shape[1]) == cols_seg_ref[:1, :]
+    seg = _column(rows_seg_ref) == cols_seg_ref[...]
     mask = seg if mask is None else mask & seg
   return mask
 
@@ -122,6 +103,20 @@ def _when_visible(visible, full, body) -> None:
   the band), with it on edge blocks (the window edge and the diagonal)."""
   pl.when(visible & full)(functools.partial(body, False))
   pl.when(visible & jnp.logical_not(full))(functools.partial(body, True))
+
+
+def _without_segments(kernel, num_inputs: int):
+  """Adapts a kernel taking (..., rows_seg_ref, cols_seg_ref, ...) to calls without them."""
+
+  def wrapped(*refs):
+    return kernel(*refs[:num_inputs], None, None, *refs[num_inputs:])
+
+  return wrapped
+
+
+def _row_spec(block: int, index_map) -> pl.BlockSpec:
+  """(1, block) blocks of a [B, 1, N] array of per-token ids."""
+  return pl.BlockSpec((None, 1, block), index_map)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +139,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr,
 
   def accumulate(with_band: bool):
     v = v_ref[...]
-    s = _scores(q_ref[...], k_ref[...], scale, softcap, NT_DIMS)
+    s = _scores(q_ref[...], k_ref[...], scale, softcap)
     mask = _block_mask(band, with_band, i * bq, j * bk, (bq, bk), qseg_ref, kvseg_ref)
     s = _masked(mask, s, MASK_VALUE)
     m_prev, l_prev = m_scr[...], l_scr[...]
@@ -164,13 +159,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_scr,
     empty = l == 0.0  # A row with no visible key: output 0, never NaN.
     safe_l = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc_scr[...] * _to_width(1.0 / safe_l, head_dim)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, 0.0, m_scr[...] + jnp.log(safe_l))
+    lse_col = jnp.where(empty, 0.0, m_scr[...] + jnp.log(safe_l))  # [bq, 128], lanes equal.
+    lse_ref[...] = jnp.transpose(lse_col)[:1, :]  # Stored as a (1, bq) row.
 
 
 def flash_forward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
-                  segments: Optional[Segments], *, band: Band, softcap: Optional[float] = None,
-                  interpret: Any = False) -> tuple[Array, Array]:
-  """Returns the output [B, H, N, D] and the logsumexp [B, H, N, 128] (lane-replicated)."""
+                  q_seg_Bx1xN: Optional[Array], kv_seg_Bx1xN: Optional[Array], *, band: Band,
+                  softcap: Optional[float] = None, interpret: Any = False) -> tuple[Array, Array]:
+  """Returns the output [B, H, N, D] and the logsumexp [B, H, 1, N] (float32)."""
   b, h, n, d = q_BxHxNxD.shape
   groups = h // k_BxKxNxD.shape[1]
   bq, bk = band.block_q, band.block_kv
@@ -178,44 +174,31 @@ def flash_forward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
   def kv_index(bi, hi, i, s):
     return bi, blocks.div(hi, groups), band.kv_block(i, s), 0
 
-  in_specs = [
-      pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, s: (bi, hi, i, 0)),
-      pl.BlockSpec((None, None, bk, d), kv_index),
-      pl.BlockSpec((None, None, bk, d), kv_index),
-  ]
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, s: (bi, hi, i, 0))
+  in_specs = [q_spec, pl.BlockSpec((None, None, bk, d), kv_index),
+              pl.BlockSpec((None, None, bk, d), kv_index)]
   args = [q_BxHxNxD, k_BxKxNxD, v_BxKxNxD]
-  if segments is not None:
-    in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, s: (bi, i, 0)),
-                 pl.BlockSpec((None, SUBLANES, bk),
-                              lambda bi, hi, i, s: (bi, 0, band.kv_block(i, s)))]
-    args += [segments.q_col_BxNxL, segments.kv_row_Bx8xN]
   kernel = functools.partial(_fwd_kernel, band=band, scale=d ** -0.5, softcap=softcap)
-  if segments is None:
+  if q_seg_Bx1xN is None:
     kernel = _without_segments(kernel, num_inputs=3)
-  o, lse = pl.pallas_call(
+  else:
+    in_specs += [_row_spec(bq, lambda bi, hi, i, s: (bi, 0, i)),
+                 _row_spec(bk, lambda bi, hi, i, s: (bi, 0, band.kv_block(i, s)))]
+    args += [q_seg_Bx1xN, kv_seg_Bx1xN]
+  return pl.pallas_call(
       kernel,
       grid=(b, h, band.num_q_blocks, band.kv_steps),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, s: (bi, hi, i, 0)),
-                 pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, i, s: (bi, hi, i, 0))],
+      out_specs=[q_spec,
+                 pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, s: (bi, hi, 0, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BxHxNxD.shape, q_BxHxNxD.dtype),
-                 jax.ShapeDtypeStruct((b, h, n, LANES), F32)],
+                 jax.ShapeDtypeStruct((b, h, 1, n), F32)],
       scratch_shapes=[pltpu.VMEM((bq, LANES), F32), pltpu.VMEM((bq, LANES), F32),
                       pltpu.VMEM((bq, d), F32)],
       compiler_params=_compiler_params(3, 1),
       interpret=interpret,
       name="local_attention_fwd" if band.window else "causal_attention_fwd",
   )(*args)
-  return o, lse
-
-
-def _without_segments(kernel, num_inputs: int):
-  """Adapts a kernel that takes (..., qseg_ref, kvseg_ref, ...) to calls without segment refs."""
-
-  def wrapped(*refs):
-    return kernel(*refs[:num_inputs], None, None, *refs[num_inputs:])
-
-  return wrapped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,11 +218,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref
 
   def accumulate(with_band: bool):
     k, v = k_ref[...], v_ref[...]
-    s = _scores(q_ref[...], k, scale, softcap, NT_DIMS)
+    s = _scores(q_ref[...], k, scale, softcap)
     mask = _block_mask(band, with_band, i * bq, j * bk, (bq, bk), qseg_ref, kvseg_ref)
-    p = _masked(mask, jnp.exp(s - _to_width(lse_ref[...], bk)), 0.0)
+    p = _masked(mask, jnp.exp(s - _column(lse_ref)), 0.0)
     dp = lax.dot_general(do_ref[...], v, NT_DIMS, preferred_element_type=F32)
-    ds = blocks.softcap_grad(p * (dp - _to_width(di_ref[...], bk)), s, softcap)
+    ds = blocks.softcap_grad(p * (dp - _column(di_ref)), s, softcap)
     dq_scr[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS, preferred_element_type=F32)
 
   _when_visible(band.kv_visible(i, step), band.fully_visible(i, j), accumulate)
@@ -268,13 +251,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, kvseg_ref, qseg_re
 
   def accumulate(with_band: bool):
     q, do = q_ref[...], do_ref[...]
-    s_t = _scores(k_ref[...], q, scale, softcap, NT_DIMS)  # [bk, bq]
+    s_t = _scores(k_ref[...], q, scale, softcap)  # [bk, bq]
     mask_t = _block_mask(band, with_band, i * bq, j * bk, (bk, bq), kvseg_ref, qseg_ref,
                          transposed=True)
-    p_t = _masked(mask_t, jnp.exp(s_t - lse_ref[:1, :]), 0.0)
+    p_t = _masked(mask_t, jnp.exp(s_t - lse_ref[...]), 0.0)
     dv_scr[...] += lax.dot_general(p_t.astype(do.dtype), do, NN_DIMS, preferred_element_type=F32)
     dp_t = lax.dot_general(v_ref[...], do, NT_DIMS, preferred_element_type=F32)
-    ds_t = blocks.softcap_grad(p_t * (dp_t - di_ref[:1, :]), s_t, softcap)
+    ds_t = blocks.softcap_grad(p_t * (dp_t - di_ref[...]), s_t, softcap)
     dk_scr[...] += lax.dot_general(ds_t.astype(q.dtype), q, NN_DIMS, preferred_element_type=F32)
 
   _when_visible(band.q_visible(j, step), band.fully_visible(i, j), accumulate)
@@ -286,8 +269,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, kvseg_ref, qseg_re
 
 
 def flash_backward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
-                   segments: Optional[Segments], o_BxHxNxD: Array, lse_BxHxNxL: Array,
-                   do_BxHxNxD: Array, *, band: Band, softcap: Optional[float] = None,
+                   q_seg_Bx1xN: Optional[Array], kv_seg_Bx1xN: Optional[Array],
+                   o_BxHxNxD: Array, lse_BxHx1xN: Array, do_BxHxNxD: Array, *, band: Band,
+                   softcap: Optional[float] = None,
                    interpret: Any = False) -> tuple[Array, Array, Array]:
   """Gradients (dq, dk, dv) from the saved output and logsumexp (flash-attention backward)."""
   b, h, n, d = q_BxHxNxD.shape
@@ -295,27 +279,24 @@ def flash_backward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
   groups = h // kv_heads
   bq, bk = band.block_q, band.block_kv
   scale = d ** -0.5
-  di_BxHxN = jnp.sum(o_BxHxNxD.astype(F32) * do_BxHxNxD.astype(F32), axis=-1)
-  di_BxHxNxL = lax.broadcast_in_dim(di_BxHxN, (b, h, n, LANES), (0, 1, 2))
-  rows = lambda x: lax.broadcast_in_dim(x, (b, h, SUBLANES, n), (0, 1, 3))  # pylint: disable=unnecessary-lambda-assignment
-  lse_BxHx8xN, di_BxHx8xN = rows(lse_BxHxNxL[..., 0]), rows(di_BxHxN)
+  di_BxHx1xN = jnp.sum(o_BxHxNxD.astype(F32) * do_BxHxNxD.astype(F32), axis=-1)[:, :, None]
+  with_segments = q_seg_Bx1xN is not None
 
   # dq: same grid as the forward.
   def kv_index(bi, hi, i, s):
     return bi, blocks.div(hi, groups), band.kv_block(i, s), 0
 
   q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, s: (bi, hi, i, 0))
-  col_spec = pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, i, s: (bi, hi, i, 0))
+  stat_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, s: (bi, hi, 0, i))
   kv_spec = pl.BlockSpec((None, None, bk, d), kv_index)
-  in_specs = [q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec]
-  args = [q_BxHxNxD, k_BxKxNxD, v_BxKxNxD, do_BxHxNxD, lse_BxHxNxL, di_BxHxNxL]
-  if segments is not None:
-    in_specs += [pl.BlockSpec((None, bq, LANES), lambda bi, hi, i, s: (bi, i, 0)),
-                 pl.BlockSpec((None, SUBLANES, bk),
-                              lambda bi, hi, i, s: (bi, 0, band.kv_block(i, s)))]
-    args += [segments.q_col_BxNxL, segments.kv_row_Bx8xN]
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
+  args = [q_BxHxNxD, k_BxKxNxD, v_BxKxNxD, do_BxHxNxD, lse_BxHx1xN, di_BxHx1xN]
   kernel = functools.partial(_dq_kernel, band=band, scale=scale, softcap=softcap)
-  if segments is None:
+  if with_segments:
+    in_specs += [_row_spec(bq, lambda bi, hi, i, s: (bi, 0, i)),
+                 _row_spec(bk, lambda bi, hi, i, s: (bi, 0, band.kv_block(i, s)))]
+    args += [q_seg_Bx1xN, kv_seg_Bx1xN]
+  else:
     kernel = _without_segments(kernel, num_inputs=6)
   dq = pl.pallas_call(
       kernel,
@@ -333,21 +314,20 @@ def flash_backward(q_BxHxNxD: Array, k_BxKxNxD: Array, v_BxKxNxD: Array,
   def q_index(bi, ki, j, g, t):
     return bi, ki * groups + g, band.q_block(j, t), 0
 
-  def row_index(bi, ki, j, g, t):
+  def stat_index(bi, ki, j, g, t):
     return bi, ki * groups + g, 0, band.q_block(j, t)
 
   q_spec = pl.BlockSpec((None, None, bq, d), q_index)
-  row_spec = pl.BlockSpec((None, None, SUBLANES, bq), row_index)
+  stat_spec = pl.BlockSpec((None, None, 1, bq), stat_index)
   kv_spec = pl.BlockSpec((None, None, bk, d), lambda bi, ki, j, g, t: (bi, ki, j, 0))
-  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-  args = [q_BxHxNxD, k_BxKxNxD, v_BxKxNxD, do_BxHxNxD, lse_BxHx8xN, di_BxHx8xN]
-  if segments is not None:
-    in_specs += [pl.BlockSpec((None, bk, LANES), lambda bi, ki, j, g, t: (bi, j, 0)),
-                 pl.BlockSpec((None, SUBLANES, bq),
-                              lambda bi, ki, j, g, t: (bi, 0, band.q_block(j, t)))]
-    args += [segments.kv_col_BxNxL, segments.q_row_Bx8xN]
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
+  args = [q_BxHxNxD, k_BxKxNxD, v_BxKxNxD, do_BxHxNxD, lse_BxHx1xN, di_BxHx1xN]
   kernel = functools.partial(_dkv_kernel, band=band, scale=scale, softcap=softcap, groups=groups)
-  if segments is None:
+  if with_segments:
+    in_specs += [_row_spec(bk, lambda bi, ki, j, g, t: (bi, 0, j)),
+                 _row_spec(bq, lambda bi, ki, j, g, t: (bi, 0, band.q_block(j, t)))]
+    args += [kv_seg_Bx1xN, q_seg_Bx1xN]
+  else:
     kernel = _without_segments(kernel, num_inputs=6)
   dk, dv = pl.pallas_call(
       kernel,
@@ -385,6 +365,10 @@ def _model_layout(x_BxHxNxD: Array, n: int) -> Array:
   return x_BxHxNxD[:, :, :n].transpose(0, 2, 1, 3)
 
 
+def _rows(seg_BxN: Optional[Array]) -> Optional[Array]:
+  return None if seg_BxN is None else seg_BxN[:, None, :]
+
+
 def forward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
             segment_ids_BxN: Optional[Array], kv_segment_ids_BxN: Optional[Array],
             cfg: blocks.FlashConfig):
@@ -393,18 +377,17 @@ def forward(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array,
   fwd_band, _ = plan(n, cfg)
   q, k, v = (_heads_major(x, fwd_band.length) for x in (q_BxNxHxD, k_BxNxKxD, v_BxNxKxD))
   q_seg, kv_seg = blocks.pad_segments(segment_ids_BxN, kv_segment_ids_BxN, fwd_band.length)
-  segments = make_segments(q_seg, kv_seg)
-  o, lse = flash_forward(q, k, v, segments, band=fwd_band, softcap=cfg.softcap,
-                         interpret=cfg.interpret)
-  return _model_layout(o, n), (q, k, v, segments, o, lse)
+  o, lse = flash_forward(q, k, v, _rows(q_seg), _rows(kv_seg), band=fwd_band,
+                         softcap=cfg.softcap, interpret=cfg.interpret)
+  return _model_layout(o, n), (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def backward(cfg: blocks.FlashConfig, residuals, do_BxNxHxD: Array):
   """(dq, dk, dv) in model layout."""
-  q, k, v, segments, o, lse = residuals
+  q, k, v, q_seg, kv_seg, o, lse = residuals
   n = do_BxNxHxD.shape[1]
   _, bwd_band = plan(n, cfg)
   do = _heads_major(do_BxNxHxD.astype(q.dtype), bwd_band.length)
-  dq, dk, dv = flash_backward(q, k, v, segments, o, lse, do, band=bwd_band, softcap=cfg.softcap,
-                              interpret=cfg.interpret)
+  dq, dk, dv = flash_backward(q, k, v, _rows(q_seg), _rows(kv_seg), o, lse, do, band=bwd_band,
+                              softcap=cfg.softcap, interpret=cfg.interpret)
   return tuple(_model_layout(x, n) for x in (dq, dk, dv))

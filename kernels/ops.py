@@ -15,13 +15,10 @@ Entry points (model layout: ``q [B, N, H, D]``, ``k, v [B, N, K, D]``, H a multi
 
 Backends (``kernel=None`` picks by ``jax.default_backend()``):
 
-============  ==================================  =======================================
-backend       ``pallas`` runs                     ``auto`` picks
-============  ==================================  =======================================
-TPU           Mosaic kernels (local_attention.py)  pallas
-GPU           Triton kernels (gpu.py)              pallas (cudnn if Triton is unavailable)
-CPU           the TPU kernels, ``interpret=True``  xla (the reference path)
-============  ==================================  =======================================
+* TPU: ``pallas`` runs the Mosaic kernels (``local_attention.py``); ``auto`` picks pallas.
+* GPU: ``pallas`` runs the Triton kernels (``gpu.py``); ``auto`` picks pallas (cudnn when the
+  jax install has no Pallas-Triton).
+* CPU: ``pallas`` runs the TPU kernels with ``interpret=True``; ``auto`` picks xla.
 
 Under a mesh (``jax.set_mesh``, as the trainer does) the kernels run inside ``jax.shard_map``:
 batch split as ``activation_batch`` and heads as ``activation_heads`` in the active flax

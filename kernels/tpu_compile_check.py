@@ -3,6 +3,9 @@ r"""Ahead-of-time Mosaic compile of the TPU kernels for a TPU topology, on a mac
   pip install "jax[tpu]"   # libtpu (the ``tpu`` extra of setup.cfg); a separate venv is fine
   JAX_PLATFORMS=cpu python -m kernels.tpu_compile_check [--topology=v5e:2x2] [--seq_len=2048]
 
+(``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` when another JAX process on the machine holds
+``/tmp/libtpu_lockfile``.)
+
 CPU interpret mode checks what the kernels compute; only Mosaic's own compiler (inside libtpu)
 checks that they compile for a TPU core: block shapes and layouts, VMEM use, supported ops.
 This compiles, for one device of the topology, the forward and backward of the local-window
