@@ -5,14 +5,18 @@ r"""Inference benchmark: prefill time, decode tokens/s and K/V-cache bytes again
 Every arch gets the same width, heads, layers and window (default d 256, 8 layers, 8 heads of 32,
 2 kv heads, W 512, T 3; rins loops its first half T times), random weights, batch 1. For each
 context N it prefills an N-token prompt in chunks (``--chunk_size``; full attention reads only
-the causal prefix of its cache) and then decodes ``--decode_steps`` tokens greedily. Compilation
-is excluded: each (arch, context) first compiles its chunk and decode steps on the same shapes.
+the causal prefix of its cache) and then decodes ``--decode_steps`` tokens greedily, in rounds
+interleaved across the archs; decode tokens/s is one over the median step time (both keep
+other processes on a shared machine from favouring one arch).
+Compilation is excluded: each arch compiles its chunk and decode steps once, for the largest
+context, before anything is timed.
 Prints a table and the targets of issue #5, writes a PNG of throughput against context.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -21,6 +25,8 @@ from absl import app, flags
 _ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou", "rins"], "Archs to run.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["2048", "8192", "32768"], "Prompt lengths.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode steps per context.")
+_ROUNDS = flags.DEFINE_integer("decode_rounds", 4, "Decode steps are split in rounds, archs "
+                               "interleaved, so every arch decodes under the same load.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "Prefill chunk length.")
 _KV_BLOCK = flags.DEFINE_integer("kv_block", 512, "Key block of cached attention in prefill.")
 _DECODE_BLOCK = flags.DEFINE_integer("decode_kv_block", 2048, "Key block of decode attention.")
@@ -32,7 +38,7 @@ _KV_HEADS = flags.DEFINE_integer("num_kv_heads", 4, "K/V heads.")
 _WINDOW = flags.DEFINE_integer("window", 512, "Sliding window of the self-decoder.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 3, "T: loops of yocou / rins.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
-_PLOT_OUT = flags.DEFINE_string("plot_out", "bench_inference.png", "Throughput plot (PNG).")
+_PLOT_OUT = flags.DEFINE_string("plot_out", "runs/bench_inference.png", "Throughput plot (PNG).")
 
 
 def model_config(arch: str):
@@ -69,54 +75,81 @@ def warm_up(engine, params, max_len: int) -> None:
   jax.block_until_ready(logits)
 
 
-def measure(engine, params, context: int, steps: int, max_len: int) -> dict[str, Any]:
-  """Prefill time, decode tokens/s and live cache bytes at one context (compiled beforehand).
-
-  Every context of an arch shares one ``max_len`` (one compile); attention reads a full buffer
-  only up to the current position, so the unused tail costs memory, not time.
-  """
+def prefill(engine, params, context: int, max_len: int):
+  """(seconds, last logits, state) of one timed prefill of a random ``context``-token prompt."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
 
   prompt = np.random.default_rng(1).integers(3, 259, (1, context)).astype(np.int32)
   start = time.perf_counter()
   logits, state = engine.prefill(params, prompt, [context], max_len)
   jax.block_until_ready(logits)
-  prefill_s = time.perf_counter() - start
-  start = time.perf_counter()
+  return time.perf_counter() - start, logits, state
+
+
+def decode_steps(engine, params, logits, state, steps: int):
+  """(per-step seconds, logits, state) of ``steps`` greedy decode steps, each timed alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  step_s = []
   for _ in range(steps):
+    start = time.perf_counter()
     logits, state = engine.decode(params, state, np.argmax(logits, -1))
-  jax.block_until_ready(logits)
-  decode_s = time.perf_counter() - start
-  return {"context": context, "prefill_s": prefill_s, "prefill_tokens_per_s": context / prefill_s,
-          "decode_tokens_per_s": steps / decode_s,
-          "cache_bytes_live": cache_lib.cache_bytes(state.cache), "max_len": max_len}
+    jax.block_until_ready(logits)
+    step_s.append(time.perf_counter() - start)
+  return step_s, logits, state
 
 
 def run() -> dict[str, list[dict[str, Any]]]:
+  """Per context: every arch's prefill, then decode rounds interleaved across the archs.
+
+  Interleaving puts every arch's decode steps under the same background load (this is a shared
+  machine); decode tokens/s is one over the median step time over all rounds.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
-  results: dict[str, list[dict[str, Any]]] = {}
   opts = engine_lib.Options(chunk_size=_CHUNK.value, kv_block=_KV_BLOCK.value,
                             decode_kv_block=_DECODE_BLOCK.value, window_block=_WINDOW_BLOCK.value)
   contexts = [int(c) for c in _CONTEXTS.value]
-  max_len = max(contexts) + _DECODE_STEPS.value + 1
+  rounds = _ROUNDS.value
+  steps = -(-_DECODE_STEPS.value // rounds)
+  max_len = max(contexts) + rounds * steps + 1
+  models = {}
   for arch in _ARCHS.value:
     cfg = model_config(arch)
     engine, params = engine_lib.Engine(cfg, opts), random_params(cfg)
     warm_up(engine, params, max_len)
-    results[arch] = []
-    for context in contexts:
-      row = measure(engine, params, context, _DECODE_STEPS.value, max_len)
-      if row["cache_bytes_live"] != accounting.kv_cache_bytes(cfg, max_len):
+    models[arch] = (cfg, engine, params)
+  results: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
+  for context in contexts:
+    live, step_s = {}, {arch: [] for arch in models}
+    for arch, (cfg, engine, params) in models.items():
+      seconds, logits, state = prefill(engine, params, context, max_len)
+      live[arch] = (logits, state)
+      results[arch].append({"context": context, "prefill_s": seconds,
+                            "prefill_tokens_per_s": context / seconds,
+                            "cache_bytes": accounting.kv_cache_bytes(cfg, context),
+                            "cache_bytes_live": cache_lib.cache_bytes(state.cache),
+                            "max_len": max_len})
+      if results[arch][-1]["cache_bytes_live"] != accounting.kv_cache_bytes(cfg, max_len):
         raise AssertionError(f"{arch}: live cache bytes differ from accounting.kv_cache_bytes")
-      row["cache_bytes"] = accounting.kv_cache_bytes(cfg, context)
-      results[arch].append(row)
-      print(f"{arch:12s} {context:6d}: prefill {row['prefill_s']:8.2f} s, decode "
-            f"{row['decode_tokens_per_s']:7.1f} tok/s", flush=True)
+      print(f"{arch:12s} {context:6d}: prefill {seconds:8.2f} s", flush=True)
+    for _ in range(rounds):
+      for arch, (cfg, engine, params) in models.items():
+        times, *live[arch] = decode_steps(engine, params, *live[arch], steps)
+        step_s[arch] += times
+    for arch in models:
+      row = results[arch][-1]
+      row["decode_step_s"] = step_s[arch]
+      row["decode_tokens_per_s"] = 1.0 / float(np.median(step_s[arch]))
+      print(f"{arch:12s} {context:6d}: decode {row['decode_tokens_per_s']:7.1f} tokens/s",
+            flush=True)
+    del live
   return results
 
 
@@ -184,6 +217,7 @@ def main(argv):
     print(f"target {name}: {value:.2f} ({threshold}) {'MET' if met else 'MISSED'}")
   print(f"total {time.perf_counter() - start:.0f} s")
   if _PLOT_OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_PLOT_OUT.value)), exist_ok=True)
     plot(results, _PLOT_OUT.value)
     print(f"plot: {_PLOT_OUT.value}")
   if _JSON_OUT.value:

@@ -28,7 +28,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens 
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling PRNG seed.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 0, "Loop count T at inference (0: trained).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 512, "Prefill chunk length.")
+_CHUNK = flags.DEFINE_integer(
+    "chunk_size", None, "Prefill chunk length (default: config.inference.chunk_size, else 512).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile first, so the reported speeds exclude it.")
 
@@ -106,8 +107,9 @@ def main(argv):
     raise app.UsageError("give --prompt (one or more) or --prompt_file")
   loaded = load(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
   sampling = sampling_lib.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  chunk_size = _CHUNK.value or loaded.config.get("inference", {}).get("chunk_size", 512)
   texts, result = generate(loaded, prompts, _MAX_NEW.value, sampling=sampling, seed=_SEED.value,
-                           chunk_size=_CHUNK.value, warmup=_WARMUP.value)
+                           chunk_size=chunk_size, warmup=_WARMUP.value)
   cfg = loaded.model_cfg
   print(f"checkpoint step {loaded.step}: {cfg.arch}, {cfg.num_layers} layers, "
         f"T={cfg.iterations}, window {cfg.window}")

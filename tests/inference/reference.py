@@ -1,4 +1,4 @@
-"""Shared helpers of the inference tests: tiny configs, random params, the full-forward reference."""
+"""Helpers of the inference tests: tiny configs, random params, the full-forward reference."""
 
 import functools
 

@@ -26,7 +26,8 @@ def test_mixed_lengths_chunked_prefill_and_decode_match_forward(arch):
   params = ref_lib.random_params(cfg)
   tokens = _tokens(3)
   lengths, steps = [5, 13, 22], 14
-  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=3, kv_block=4, decode_kv_block=8, window_block=4))
+  opts = engine_lib.Options(chunk_size=3, kv_block=4, decode_kv_block=8, window_block=4)
+  engine = engine_lib.Engine(cfg, opts)
   got, state = ref_lib.cached_logits(engine, params, tokens, lengths, steps, MAX_LEN)
   want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
   assert np.abs(want).max() > 1.0  # Logits far from uniform: the comparison is meaningful.
@@ -59,7 +60,8 @@ def test_test_time_depth(iterations):
   cfg = trained.replace(num_iterations=iterations)
   tokens = _tokens(2, seed=6)
   lengths, steps = [9, 14], 5
-  engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4, kv_block=4, decode_kv_block=4, window_block=2))
+  opts = engine_lib.Options(chunk_size=4, kv_block=4, decode_kv_block=4, window_block=2)
+  engine = engine_lib.Engine(cfg, opts)
   got, state = ref_lib.cached_logits(engine, params, tokens, lengths, steps, 24)
   want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
   np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)

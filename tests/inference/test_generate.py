@@ -23,11 +23,13 @@ def test_greedy_generation_follows_forward_argmax_and_stops():
   engine = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4, kv_block=4, window_block=2))
   prompts = [[5, 9, 3, 11, 20, 1, 7], [8, 2, 40]]
   free = engine.generate(params, prompts, 10, max_len=17)
-  for prompt, out in zip(prompts, free.tokens):
+  seqs = np.zeros((2, 17), np.int32)  # Right padding: causal logits before it are unchanged.
+  for b, (prompt, out) in enumerate(zip(prompts, free.tokens)):
+    seqs[b, :len(prompt) + len(out)] = prompt + out
+  logits = ref_lib.reference_logits(cfg, params, seqs)
+  for b, (prompt, out) in enumerate(zip(prompts, free.tokens)):
     assert len(out) == 10
-    seq = np.asarray([prompt + out])
-    logits = ref_lib.reference_logits(cfg, params, seq)[0]
-    np.testing.assert_array_equal(logits[len(prompt) - 1:-1].argmax(-1), out)
+    np.testing.assert_array_equal(logits[b, len(prompt) - 1:len(prompt) + 9].argmax(-1), out)
   stop = free.tokens[0][2]
   stopped = engine.generate(params, prompts, 10, stop_tokens=[stop], max_len=17)
   for out, cut in zip(free.tokens, stopped.tokens):
@@ -57,31 +59,26 @@ def _write_run(workdir: str, arch: str = "yocou"):
 
 
 def test_generate_binary_loads_checkpoint_and_reports(tmp_path, capsys):
+  # A T = 2 checkpoint generated from at T = 3 (test-time depth).
   workdir = str(tmp_path)
-  cfg, params = _write_run(workdir)
+  trained_cfg, params = _write_run(workdir)
   loaded = generate_bin.load(workdir)
+  assert loaded.step == 5 and loaded.model_cfg == trained_cfg
   jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
   prompts = ["ab", "hello"]
   with flagsaver.flagsaver(workdir=workdir, prompt=prompts, max_new_tokens=5, warmup=False,
-                           chunk_size=4):
+                           chunk_size=4, num_iterations=3):
     generate_bin.main(["generate"])
   out = capsys.readouterr().out
   # The printed continuations are the engine's greedy ones on the checkpoint's params.
+  cfg = trained_cfg.replace(num_iterations=3)
   tok = tokenizers.ByteTokenizer()
   ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-  want = engine_lib.Engine(cfg).generate(params, ids, 5, stop_tokens=[tok.eos_id]).tokens
+  want = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4)).generate(
+      params, ids, 5, stop_tokens=[tok.eos_id]).tokens
   for prompt, tokens in zip(prompts, want):
     assert f"{prompt}{tok.decode(tokens)}" in out
-  assert "checkpoint step 5: yocou" in out and "tokens/s" in out
+  assert "checkpoint step 5: yocou, 2 layers, T=3" in out and "tokens/s" in out
   formula = accounting.kv_cache_bytes(cfg, 6 + 5, 2)
+  assert formula != accounting.kv_cache_bytes(trained_cfg, 6 + 5, 2)
   assert f"{formula:,} bytes for 2 x 11 tokens (accounting.kv_cache_bytes: {formula:,})" in out
-
-
-def test_generate_at_another_depth(tmp_path):
-  workdir = str(tmp_path)
-  _write_run(workdir)
-  loaded = generate_bin.load(workdir, num_iterations=3)
-  assert loaded.model_cfg.num_iterations == 3
-  texts, result = generate_bin.generate(loaded, ["xyz"], 4, warmup=False, chunk_size=4)
-  assert len(texts) == 1 and result.decode_steps <= 3
-  assert result.cache_bytes == accounting.kv_cache_bytes(loaded.model_cfg, 4 + 4, 1)

@@ -141,7 +141,8 @@ def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxW
   write_Bx1x1 = (counts_B > 0)[:, None, None]
 
   def put(ring, new):
-    return ring.at[rows, :, slot_B].set(jnp.where(write_Bx1x1, new[:, :, 0], ring[rows, :, slot_B]))
+    old_BxKxD = ring[rows, :, slot_B]
+    return ring.at[rows, :, slot_B].set(jnp.where(write_Bx1x1, new[:, :, 0], old_BxKxD))
 
   ring_k, ring_v = put(ring_k_BxKxWxD, k_BxKx1xD), put(ring_v_BxKxWxD, v_BxKx1xD)
   q = _fold(q_Bx1xHxD, kv_heads)

@@ -64,7 +64,7 @@ class Options:
 
   chunk_size: int = 512  # Prefill tokens per chunk (per sequence): bounds prefill memory.
   kv_block: int = 512  # Keys per block of cached full/global attention for a prefill chunk.
-  decode_kv_block: int = 8192  # The same for one decode token (few query rows, bigger blocks).
+  decode_kv_block: int = 2048  # The same for one decode token (few query rows, bigger blocks).
   window_block: int = 128  # Query sub-block of sliding-window attention over a chunk.
 
   def kv_block_for(self, num_queries: int) -> int:
