@@ -183,25 +183,29 @@ def cudnn_attention(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array, *,
                              segment_ids_BxN=segment_ids)
 
 
-def decode_attention(q_BxTxHxD: Array, k_cache_BxSxKxD: Array, v_cache_BxSxKxD: Array, *,
+def decode_attention(q_BxTxHxD: Array, k_cache: Array, v_cache: Array, *,
                      q_positions_BxT: Array, kv_length_B: Optional[Array] = None,
                      window: Optional[int] = None, softcap: Optional[float] = None,
                      block_kv: Optional[int] = None, num_splits: int = 16,
-                     kernel: Optional[str] = None, interpret: Any = None) -> Array:
+                     cache_layout: str = "BSKD", kernel: Optional[str] = None,
+                     interpret: Any = None) -> Array:
   """T query tokens at absolute positions against a K/V cache (flash-decoding); [B, T, H, D].
 
   Query t sees cache entries ``j <= q_positions[b, t]``, ``j < kv_length[b]`` and, with a
-  window, ``q_positions[b, t] - j < window``. See :mod:`kernels.cross_attention`; the
-  reference is :func:`kernels.reference.decode_reference`. Forward only (inference).
+  window, ``q_positions[b, t] - j < window``. The cache is ``[B, S, K, D]`` or, with
+  ``cache_layout="BKSD"``, ``[B, K, S, D]``. Chunks of the cache outside every query's range
+  (past ``kv_length``, before the window) are neither computed nor, on TPU, read. See
+  :mod:`kernels.cross_attention`; the reference is :func:`kernels.reference.decode_reference`.
+  Forward only (inference).
   """
   auto_kernel, auto_interpret = default_kernel()
   kernel = kernel or auto_kernel
   interpret = auto_interpret if interpret is None else interpret
   block_kv = block_kv or DECODE_BLOCK_KV["interpret" if interpret else kernel]
   return cross_attention_lib.decode_attention(
-      q_BxTxHxD, k_cache_BxSxKxD, v_cache_BxSxKxD, q_positions_BxT=q_positions_BxT,
+      q_BxTxHxD, k_cache, v_cache, q_positions_BxT=q_positions_BxT,
       kv_length_B=kv_length_B, window=window, softcap=softcap, block_kv=block_kv,
-      num_splits=num_splits, kernel=kernel, interpret=interpret)
+      num_splits=num_splits, cache_layout=cache_layout, kernel=kernel, interpret=interpret)
 
 
 def self_attention(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array, *,

@@ -79,6 +79,11 @@ def main() -> int:
                    ((2, 8192, 2, 128), jnp.bfloat16), ((2, 4), jnp.int32)]
   failures += _report("decode bf16 T=4 gqa4 S=8K", lambda: _compile(
       lambda q, k, v, p: decode(q, k, v, q_positions_BxT=p), sharding, *decode_shapes))
+  bksd = [decode_shapes[0], ((2, 2, 8192, 128), jnp.bfloat16), ((2, 2, 8192, 128), jnp.bfloat16),
+          decode_shapes[3]]
+  failures += _report("decode bf16 T=4 gqa4 S=8K [B, K, S, D] cache", lambda: _compile(
+      lambda q, k, v, p: decode(q, k, v, q_positions_BxT=p, cache_layout="BKSD"), sharding,
+      *bksd))
   return 1 if failures else 0
 
 

@@ -20,27 +20,33 @@ from kernels import reference
 from tests.kernels import reference64
 from tests.kernels.common import assert_close, random_inputs, run_fast
 
-# (kernel, T, H, K, D, S, window, kv_length, block_kv, num_splits, dtype)
+# (kernel, T, H, K, D, S, window, kv_length, block_kv, num_splits, cache layout, dtype)
 CASES = {
-    "tpu-causal-gqa2-ragged-cache": ("tpu", 2, 4, 2, 16, 100, None, (70, 0), 16, 4, jnp.float32),
-    "tpu-window-gqa4-bf16": ("tpu", 3, 4, 1, 32, 96, 20, None, 32, 3, jnp.bfloat16),
-    "triton-causal-gqa1": ("triton", 1, 2, 2, 16, 64, None, (64, 17), 16, 4, jnp.float32),
-    "triton-window-gqa4-d24-bf16": ("triton", 4, 8, 2, 24, 80, 9, (80, 40), 16, 2, jnp.bfloat16),
+    "tpu-causal-gqa2-part-filled-cache": ("tpu", 2, 4, 2, 16, 128, None, (70, 0), 16, 4, "BSKD",
+                                          jnp.float32),
+    "tpu-window-gqa4-bf16-bksd": ("tpu", 3, 4, 1, 32, 96, 20, None, 32, 3, "BKSD",
+                                  jnp.bfloat16),
+    "triton-causal-gqa1-bksd": ("triton", 1, 2, 2, 16, 64, None, (64, 17), 16, 4, "BKSD",
+                                jnp.float32),
+    "triton-window-gqa4-d24-bf16": ("triton", 4, 8, 2, 24, 80, 9, (80, 40), 16, 2, "BSKD",
+                                    jnp.bfloat16),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_decode_matches_float64_and_reference(case):
-  kernel, t, h, kv_heads, d, s, window, kv_length, block_kv, splits, dtype = CASES[case]
+  kernel, t, h, kv_heads, d, s, window, kv_length, block_kv, splits, layout, dtype = CASES[case]
   q, _, _, _, _ = random_inputs(1, 2, t, h, kv_heads, d, dtype)
   _, k_cache, v_cache, _, _ = random_inputs(2, 2, s, h, kv_heads, d, dtype)
   last = s - 1 if kv_length is None else max(kv_length[0] - 1, t)
   positions = jnp.asarray([np.arange(last - t + 1, last + 1), np.arange(t) + s // 3])
   kv_length = None if kv_length is None else jnp.asarray(kv_length, jnp.int32)
   fn = functools.partial(ops.decode_attention, kv_length_B=kv_length, window=window,
-                         block_kv=block_kv, num_splits=splits, kernel=kernel, interpret=True)
-  got = run_fast(lambda q, k, v, p: fn(q, k, v, q_positions_BxT=p), q, k_cache, v_cache,
-                 positions)
+                         block_kv=block_kv, num_splits=splits, cache_layout=layout,
+                         kernel=kernel, interpret=True)
+  as_layout = (lambda x: x) if layout == "BSKD" else (lambda x: x.swapaxes(1, 2))
+  got = run_fast(lambda q, k, v, p: fn(q, as_layout(k), as_layout(v), q_positions_BxT=p), q,
+                 k_cache, v_cache, positions)
   ref = reference.decode_reference(q, k_cache, v_cache, q_positions_BxT=positions,
                                    kv_length_B=kv_length, window=window)
   mask = reference64.mask(positions, s, window=window, kv_length=kv_length)
@@ -70,13 +76,16 @@ def test_decode_steps_reproduce_prefill_rows():
 
 
 def test_decode_in_tpu_interpreter():
-  """Mosaic decode kernel under TPU memory simulation (2 cores, NaN-filled memory)."""
+  """Mosaic decode kernel under TPU memory simulation (2 cores, NaN-filled memory, raising
+  out-of-bounds reads): the key range 12..22 of a 48-entry cache in 6 chunks, so the chunks
+  before the window and past kv_length are clamped away (scalar-prefetched index maps)."""
   q, _, _, _, _ = random_inputs(8, 1, 2, 2, 1, 8, jnp.float32)
-  _, k_cache, v_cache, _, _ = random_inputs(9, 1, 32, 2, 1, 8, jnp.float32)
-  positions = jnp.asarray([[20, 21]])
-  params = pltpu.InterpretParams(num_cores_or_threads=2, uninitialized_memory="nan")
+  _, k_cache, v_cache, _, _ = random_inputs(9, 1, 48, 2, 1, 8, jnp.float32)
+  positions, kv_length = jnp.asarray([[20, 24]]), jnp.asarray([23])
+  params = pltpu.InterpretParams(num_cores_or_threads=2, uninitialized_memory="nan",
+                                 out_of_bounds_reads="raise")
   got = run_fast(lambda q, k, v, p: ops.decode_attention(
-      q, k, v, q_positions_BxT=p, window=9, block_kv=8, num_splits=2, kernel="tpu",
-      interpret=params), q, k_cache, v_cache, positions)
-  mask = reference64.mask(positions, 32, window=9)
+      q, k, v, q_positions_BxT=p, kv_length_B=kv_length, window=9, block_kv=8, num_splits=6,
+      kernel="tpu", interpret=params), q, k_cache, v_cache, positions)
+  mask = reference64.mask(positions, 48, window=9, kv_length=kv_length)
   assert_close(got, reference64.attention(q, k_cache, v_cache, mask), jnp.float32, "decode")
