@@ -8,7 +8,8 @@ Entry points (model layout: ``q [B, N, H, D]``, ``k, v [B, N, K, D]``, H a multi
   dk/dv kernels from the saved logsumexp), GQA, segment ids, optional logit soft-cap. Lengths
   that are not a block multiple are padded inside and masked by causality.
 * :func:`decode_attention`: a few query tokens at absolute positions against a K/V cache
-  (:mod:`kernels.cross_attention`), forward only.
+  (:mod:`kernels.cross_attention`), forward only; :func:`cache_attention` is the same kernel
+  with the signature of the inference engine's cache-attention hook.
 * :func:`cudnn_attention`: ``jax.nn.dot_product_attention(implementation="cudnn")``.
 * :func:`self_attention`: the dispatch used by ``yocou_jax.attention.self_attention`` for
   ``attention_impl`` in ``pallas | cudnn | auto``.
@@ -206,6 +207,19 @@ def decode_attention(q_BxTxHxD: Array, k_cache: Array, v_cache: Array, *,
       q_BxTxHxD, k_cache, v_cache, q_positions_BxT=q_positions_BxT,
       kv_length_B=kv_length_B, window=window, softcap=softcap, block_kv=block_kv,
       num_splits=num_splits, cache_layout=cache_layout, kernel=kernel, interpret=interpret)
+
+
+def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array, v_BxKxSxD: Array,
+                    *, block_size: int) -> Array:
+  """The decode kernel with the signature of ``yocou_jax.inference.attention.
+  xla_cache_attention`` (causal: key j visible to a query at position p when j <= p; caches
+  ``[B, K, S, D]``), for ``register_cache_attention("pallas", ops.cache_attention)``.
+
+  ``block_size`` (the XLA path's key block) is not used: the kernel's blocks are per backend.
+  """
+  del block_size
+  return decode_attention(q_BxCxHxD, k_BxKxSxD, v_BxKxSxD, q_positions_BxT=positions_BxC,
+                          cache_layout="BKSD")
 
 
 def self_attention(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array, *,

@@ -89,3 +89,17 @@ def test_decode_in_tpu_interpreter():
       kernel="tpu", interpret=params), q, k_cache, v_cache, positions)
   mask = reference64.mask(positions, 48, window=9, kv_length=kv_length)
   assert_close(got, reference64.attention(q, k_cache, v_cache, mask), jnp.float32, "decode")
+
+
+def test_cache_attention_adapter_matches_the_engine_xla_path():
+  """``ops.cache_attention`` is a drop-in for the inference engine's XLA cache attention."""
+  from yocou_jax.inference import attention as inference_attention  # pylint: disable=g-import-not-at-top
+  q, _, _, _, _ = random_inputs(10, 2, 3, 4, 2, 16, jnp.float32)
+  _, k, v, _, _ = random_inputs(11, 2, 40, 4, 2, 16, jnp.float32)
+  k_BxKxSxD, v_BxKxSxD = k.swapaxes(1, 2), v.swapaxes(1, 2)
+  positions = jnp.asarray([[10, 11, 12], [30, 31, 32]])
+  got = run_fast(functools.partial(ops.cache_attention, block_size=8), q, positions, k_BxKxSxD,
+                 v_BxKxSxD)
+  expected = inference_attention.xla_cache_attention(q, positions, k_BxKxSxD, v_BxKxSxD,
+                                                     block_size=8)
+  assert_close(got, expected, jnp.float32, "cache attention")
