@@ -5,8 +5,8 @@ r"""One-shot GPU check of the attention kernels: numerics first, then speed.
 Written to run once on a lent GPU (the kernels cannot run on the CPU development machine):
 
 1. environment: jax version, device, whether Pallas-Triton is importable;
-2. numerics: the Pallas (Triton) kernels and cuDNN against the XLA path computed in float32
-   from the same inputs, output and (dq, dk, dv), at ragged lengths, windows below / at /
+2. numerics: the Pallas (Triton) kernels and cuDNN against the pure-JAX reference computed in
+   float32 (highest matmul precision) from the same inputs, output and (dq, dk, dv), at ragged lengths, windows below / at /
    above the block and causal (cross), GQA 1 and 4, segment ids, a soft-cap (Pallas only),
    bfloat16 inputs; plus the decode kernel against ``kernels.reference.decode_reference``.
    A check passes when the largest error relative to the reference's largest magnitude is
@@ -79,7 +79,8 @@ def check_numerics() -> list[dict]:
     seg = seg if use_seg else None
     ref_fn = functools.partial(reference.attention_reference, window=window, segment_ids=seg,
                                softcap=softcap)
-    expected = jax.jit(functools.partial(_value_and_grads, ref_fn))(q, k, v, do)
+    with jax.default_matmul_precision("highest"):  # A float32 reference, not TF32.
+      expected = jax.jit(functools.partial(_value_and_grads, ref_fn))(q, k, v, do)
     impls = {"pallas": functools.partial(ops.flash_attention, window=window, segment_ids=seg,
                                          softcap=softcap)}
     if softcap is None:
@@ -108,9 +109,10 @@ def check_decode() -> dict:
     kv_len = jnp.asarray([3002, 4096])
     got = jax.jit(lambda q, k, v: ops.decode_attention(
         q, k, v, q_positions_BxT=pos, kv_length_B=kv_len, window=512))(q, k, v)
-    expected = reference.decode_reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                          v.astype(jnp.float32), q_positions_BxT=pos,
-                                          kv_length_B=kv_len, window=512)
+    with jax.default_matmul_precision("highest"):
+      expected = reference.decode_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                            v.astype(jnp.float32), q_positions_BxT=pos,
+                                            kv_length_B=kv_len, window=512)
     err = rel_error(got, expected)
     row.update(out=err, ok=err <= TOLERANCE)
   except Exception as e:  # pylint: disable=broad-except

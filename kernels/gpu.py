@@ -19,8 +19,10 @@ to one (the softmax scale stays ``D ** -0.5`` of the real D). The same kernels r
 shipped). ``cudnn_attention`` is the fallback and the speed reference: cuDNN flash attention
 through ``jax.nn.dot_product_attention`` (bfloat16/float16 only).
 
-Unverified here (no GPU on the development machine): Triton lowering, speed, cuDNN numerics.
-``experiments/gpu_check.py`` checks and times all of them on a GPU in one run.
+Verified without a GPU: the kernels' numerics (interpret mode) and their lowering to Triton IR
+for CUDA (``jax.export``, ``tests/kernels/test_ops.py``). Unverified until run on a GPU: the
+Triton compile, speed, and cuDNN; ``experiments/gpu_check.py`` checks and times all of them in
+one run.
 """
 
 from __future__ import annotations
