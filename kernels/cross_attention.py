@@ -141,7 +141,6 @@ def decode_attention(q_BxTxHxD: Array, k_cache: Array, v_cache: Array, *,
   seq_axis = 1 if cache_layout == "BSKD" else 2
   b, t, h, d = q_BxTxHxD.shape
   s, kv_heads = k_cache.shape[seq_axis], k_cache.shape[3 - seq_axis]
-  groups = h // kv_heads
   if h % kv_heads:
     raise ValueError(f"query heads {h} are not a multiple of kv heads {kv_heads}")
   block_kv = min(block_kv, blocks.round_up(s, 8 if kernel == "tpu" else 16))
@@ -154,33 +153,61 @@ def decode_attention(q_BxTxHxD: Array, k_cache: Array, v_cache: Array, *,
   if cache_layout == "BSKD":  # [B, S, K * D]: kv head k is the k-th D-wide column block.
     k_cache, v_cache = (x.reshape(b, s_pad, kv_heads * d_pad) for x in (k_cache, v_cache))
   splits = _largest_divisor_at_most(s_pad // block_kv, num_splits)
-  chunk = s_pad // splits
 
-  rows = t * groups
-  r_pad = _row_tile(rows, kernel)
-  q_rows = q_BxTxHxD.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 1, 3, 4)
-  q_rows = blocks.pad_axis(q_rows.reshape(b, kv_heads, rows, d), r_pad, axis=2)
-  q_rows = blocks.pad_axis(q_rows, d_pad, axis=3)
+  r_pad = _row_tile(t * (h // kv_heads), kernel)
+  q_rows = blocks.pad_axis(_query_rows(q_BxTxHxD, kv_heads, r_pad), d_pad, axis=3)
+  bounds_Bx2, lo_BxRx1, hi_BxRx1 = _key_ranges(q_positions_BxT, kv_length_B, window,
+                                               h // kv_heads, r_pad)
+  kernel_fn = functools.partial(_decode_kernel, block_kv=block_kv,
+                                num_blocks=s_pad // splits // block_kv, scale=d ** -0.5,
+                                softcap=softcap, prefetched=kernel == "tpu")
+  grid_spec = _grid_spec(b, kv_heads, splits, s_pad // splits, r_pad, d_pad, cache_layout,
+                         prefetched=kernel == "tpu")
+  o_part, lse_part = pl.pallas_call(
+      kernel_fn,
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, d_pad), F32),
+                 jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, 1), F32)],
+      compiler_params=_compiler_params(kernel, d),
+      interpret=interpret,
+      name="decode_attention",
+  )(bounds_Bx2.reshape(-1) if kernel == "tpu" else bounds_Bx2, q_rows, k_cache, v_cache,
+    lo_BxRx1, hi_BxRx1)
+  return _combine_splits(o_part[..., :d], lse_part, b, t, h, d).astype(q_BxTxHxD.dtype)
+
+
+def _query_rows(q_BxTxHxD: Array, kv_heads: int, r_pad: int) -> Array:
+  """[B, T, H, D] -> [B, K, R, D]: the T * G query rows of each kv head (row r = t * G + g)."""
+  b, t, h, d = q_BxTxHxD.shape
+  q = q_BxTxHxD.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 1, 3, 4)
+  return blocks.pad_axis(q.reshape(b, kv_heads, t * (h // kv_heads), d), r_pad, axis=2)
+
+
+def _key_ranges(q_positions_BxT: Array, kv_length_B: Optional[Array], window: Optional[int],
+                groups: int, r_pad: int):
+  """Visible keys [lo, hi] per batch ([B, 2]) and per query row ([B, R, 1] each)."""
   pos = q_positions_BxT.astype(jnp.int32)
   hi = pos if kv_length_B is None else jnp.minimum(pos, kv_length_B[:, None] - 1)
   lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos - (window - 1), 0)
   bounds_Bx2 = jnp.stack([jnp.min(lo, axis=1), jnp.max(hi, axis=1)], axis=1)
-  # Row r = t * G + g; padded rows get an empty range (lo > hi).
+  # Padded rows get an empty range (lo > hi).
   lo_BxRx1, hi_BxRx1 = (blocks.pad_axis(jnp.repeat(x, groups, axis=1), r_pad, axis=1, value=v)
                         [..., None] for x, v in ((lo, 1), (hi, 0)))
+  return bounds_Bx2, lo_BxRx1, hi_BxRx1
 
-  prefetched = kernel == "tpu"
-  kernel_fn = functools.partial(_decode_kernel, block_kv=block_kv, num_blocks=chunk // block_kv,
-                                scale=d ** -0.5, softcap=softcap, prefetched=prefetched)
-  if prefetched:
-    # Splits outside the batch's key range re-point at the nearest needed chunk: the block
-    # index does not change, so Mosaic skips their DMA, and the kernel skips their compute.
-    def chunk_index(bi, c, bounds):
-      first = blocks.div(bounds[2 * bi], chunk)
-      last = blocks.div(jnp.maximum(bounds[2 * bi + 1], 0), chunk)
-      return jnp.minimum(jnp.maximum(c, first), last)
-  else:
-    chunk_index = lambda bi, c, *_: c  # pylint: disable=unnecessary-lambda-assignment
+
+def _grid_spec(b: int, kv_heads: int, splits: int, chunk: int, r_pad: int, d_pad: int,
+               cache_layout: str, prefetched: bool):
+  """Grid (B, K, splits). With ``prefetched`` (TPU) the [2 * B] key ranges are scalar-prefetched
+  and splits outside a batch's range re-point at the nearest needed chunk: the block index does
+  not change, so Mosaic skips their DMA (and the kernel their compute)."""
+
+  def chunk_index(bi, c, *bounds):
+    if not prefetched:
+      return c
+    first = blocks.div(bounds[0][2 * bi], chunk)
+    last = blocks.div(jnp.maximum(bounds[0][2 * bi + 1], 0), chunk)
+    return jnp.minimum(jnp.maximum(c, first), last)
 
   if cache_layout == "BSKD":
     cache_spec = pl.BlockSpec((None, chunk, d_pad),
@@ -196,30 +223,17 @@ def decode_attention(q_BxTxHxD: Array, k_cache: Array, v_cache: Array, *,
                pl.BlockSpec((None, None, None, r_pad, 1), lambda bi, ki, c, *_: (bi, ki, c, 0, 0))]
   grid = (b, kv_heads, splits)
   if prefetched:
-    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
-                                             out_specs=out_specs)
-    bounds = bounds_Bx2.reshape(-1)
-  else:
-    grid_spec = pl.GridSpec(grid=grid, in_specs=[pl.BlockSpec((None, 2), lambda bi, ki, c: (bi, 0)),
-                                                 *in_specs], out_specs=out_specs)
-    bounds = bounds_Bx2
-  o_part, lse_part = pl.pallas_call(
-      kernel_fn,
-      grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, d_pad), F32),
-                 jax.ShapeDtypeStruct((b, kv_heads, splits, r_pad, 1), F32)],
-      compiler_params=_compiler_params(kernel, d),
-      interpret=interpret,
-      name="decode_attention",
-  )(bounds, q_rows, k_cache, v_cache, lo_BxRx1, hi_BxRx1)
-  return _combine_splits(o_part[..., :d], lse_part, b, t, h, d, rows).astype(q_BxTxHxD.dtype)
+    return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                        out_specs=out_specs)
+  bounds_spec = pl.BlockSpec((None, 2), lambda bi, ki, c: (bi, 0))
+  return pl.GridSpec(grid=grid, in_specs=[bounds_spec, *in_specs], out_specs=out_specs)
 
 
-def _combine_splits(o_BxKxSxRxD: Array, lse_BxKxSxRx1: Array, b: int, t: int, h: int, d: int,
-                    rows: int) -> Array:
-  """Exact merge of per-split softmaxes: weights exp(lse_s - max_s lse)."""
+def _combine_splits(o_BxKxSxRxD: Array, lse_BxKxSxRx1: Array, b: int, t: int, h: int,
+                    d: int) -> Array:
+  """Exact merge of per-split softmaxes (weights exp(lse_s - max_s lse)), back to [B, T, H, D]."""
   weights = jnp.exp(lse_BxKxSxRx1 - jnp.max(lse_BxKxSxRx1, axis=2, keepdims=True))
   o_BxKxRxD = jnp.sum(weights * o_BxKxSxRxD, axis=2) / jnp.sum(weights, axis=2)
   kv_heads = o_BxKxRxD.shape[1]
-  o = o_BxKxRxD[:, :, :rows].reshape(b, kv_heads, t, h // kv_heads, d)
+  o = o_BxKxRxD[:, :, :t * (h // kv_heads)].reshape(b, kv_heads, t, h // kv_heads, d)
   return o.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
