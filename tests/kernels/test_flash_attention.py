@@ -108,7 +108,7 @@ def test_tpu_kernels_in_tpu_interpreter_without_races():
   """The Mosaic kernels under TPU memory simulation: 2 cores on the parallel grid axes,
   NaN-filled uninitialised memory, out-of-bounds reads raise, race detection on."""
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
-  n, dtype = 20, jnp.float32
+  n, dtype = 16, jnp.float32
   q, k, v, do, segment_ids = random_inputs(3, 1, n, 2, 1, 8, dtype, num_segments=2)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
                                  out_of_bounds_reads="raise", uninitialized_memory="nan")
