@@ -10,3 +10,18 @@ def subprocess_env(device_count: int, **extra: str) -> dict[str, str]:
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, **extra,
               XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={device_count}")
+
+
+def run_module(module: str, *args: str, device_count: int = 1, timeout: float = 900):
+  """Runs ``python -m module args`` in a child process (its own absl flags); returns the result.
+
+  Binaries are tested this way rather than in-process: every experiments binary defines absl
+  flags at import, and two binaries in one test process would collide on names like --config.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=repo,
+                        env=subprocess_env(device_count), capture_output=True, text=True,
+                        timeout=timeout)

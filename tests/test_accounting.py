@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from unittest import mock
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import plan as plan_binary
 from experiments.configs import yocou_1p3b
+from tests import cpu_env
 from yocou_jax import accounting
 from yocou_jax.config import ARCHS, ModelConfig
 from yocou_jax.model import Model
@@ -279,18 +276,17 @@ def test_plan_and_table():
   assert all(arch in table.splitlines()[0] for arch in ARCHS)
 
 
-def _run_plan_binary(*args: str) -> None:
-  argv = ["plan", *args]
-  # config_flags finds --config.* overrides in sys.argv.
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-    flags.FLAGS(argv)
-    plan_binary.main(["plan"])
+def _run_plan_binary(*args: str) -> str:
+  """Runs experiments.plan in a child process; returns its stdout."""
+  run = cpu_env.run_module("experiments.plan", *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout
 
 
-def test_plan_binary_writes_json_per_arch(tmp_path, capsys):
+def test_plan_binary_writes_json_per_arch(tmp_path):
   path = tmp_path / "plan.json"
-  _run_plan_binary(f"--config={_REPO}/experiments/configs/yocou_1p3b.py", "--archs=yoco,yocou",
-                   "--contexts=8192,32768", f"--json_out={path}")
+  out = _run_plan_binary(f"--config={_REPO}/experiments/configs/yocou_1p3b.py",
+                         "--archs=yoco,yocou", "--contexts=8192,32768", f"--json_out={path}")
   result = json.loads(path.read_text())
   assert set(result) == {"yoco", "yocou"}
   for arch, entry in result.items():
@@ -298,7 +294,7 @@ def test_plan_binary_writes_json_per_arch(tmp_path, capsys):
     assert set(entry["kv_cache_bytes"]) == {"8192", "32768"}
   assert result["yocou"]["kv_cache_bytes"]["32768"] == (32768 + 3 * 10 * 512) * 2048
   assert result["yocou"]["params"] == result["yoco"]["params"]
-  assert "KV cache @ 32768" in capsys.readouterr().out
+  assert "KV cache @ 32768" in out
 
 
 def test_plan_binary_single_arch_override(tmp_path):

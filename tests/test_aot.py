@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from unittest import mock
 
-from absl import flags
-from absl.testing import flagsaver
 import pytest
 
-from experiments import compile_for
+from experiments.configs import default
+from tests import cpu_env
 from yocou_jax import accounting
 from yocou_jax import aot
 from yocou_jax.config import ConfigError, ModelConfig
@@ -28,12 +25,10 @@ _TINY = ("--config.model.num_layers=2", "--config.model.num_heads=2",
          "--config.data.seq_len=128", "--config.train.batch_size=8")
 
 
-def _run_binary(*args: str) -> None:
-  """Runs experiments.compile_for in-process (SystemExit propagates)."""
-  argv = ["compile_for", f"--config={_REPO}/experiments/configs/default.py", *args]
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-    flags.FLAGS(argv)
-    compile_for.main(["compile_for"])
+def _run_binary(*args: str):
+  """Runs experiments.compile_for in a child process; returns the CompletedProcess."""
+  return cpu_env.run_module("experiments.compile_for",
+                            f"--config={_REPO}/experiments/configs/default.py", *args)
 
 
 def _norm_params(cfg: ModelConfig) -> int:
@@ -43,11 +38,12 @@ def _norm_params(cfg: ModelConfig) -> int:
   return sum(leaf.size for path, leaf in flat if "scale" in jax.tree_util.keystr(path))
 
 
-def test_train_step_v5p_fsdp(tmp_path, capsys):
+def test_train_step_v5p_fsdp(tmp_path):
   """Full FSDP over 4 chips: parameter bytes, fit, FLOPs against the analytic count."""
   path = tmp_path / "aot.json"
-  _run_binary(*_TINY, "--config.model.d_model=128", "--topology=v5p:2x2x1",
-              "--mesh=data:1,fsdp:-1,tensor:1", f"--json_out={path}")
+  run = _run_binary(*_TINY, "--config.model.d_model=128", "--topology=v5p:2x2x1",
+                    "--mesh=data:1,fsdp:-1,tensor:1", f"--json_out={path}")
+  assert run.returncode == 0, run.stderr[-3000:]
   (report,) = json.loads(path.read_text())
   cfg = ModelConfig(arch="yocou", num_layers=2, d_model=128, num_heads=2, num_kv_heads=1,
                     head_dim=64, d_ff=384, vocab_size=256, window=32, num_iterations=2,
@@ -69,8 +65,7 @@ def test_train_step_v5p_fsdp(tmp_path, capsys):
   assert abs(flops["xla_over_analytic_loops_once"] - 1) < 0.10
   largest = report["largest_tensors"][0]
   assert "fsdp" in largest["spec"] and largest["bytes_per_device"] * 4 == largest["global_bytes"]
-  out = capsys.readouterr().out
-  assert "fits" in out and "per device" in out
+  assert "fits" in run.stdout and "per device" in run.stdout
 
 
 def test_train_flops_basis():
@@ -87,7 +82,12 @@ def test_train_flops_basis():
 
 def test_decode_step_v4_kv_cache():
   """v4 (32 GiB chips): the compiled decode step's cache equals the planner's KV cache."""
-  config = _config_from_flags(*_TINY, "--config.model.d_model=128")
+  config = default.get_config()
+  config.model.update(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64, d_ff=384,
+                      vocab_size=256, window=32, num_iterations=2, attention_block_size=32,
+                      d_model=128)
+  config.data.seq_len = 128
+  config.train.batch_size = 8
   mesh = aot.topology_mesh("v4:2x2x1", {"data": -1, "fsdp": 1, "tensor": 1})
   report = aot.compile_inference(config, "v4:2x2x1", mesh, "decode", batch=4, context=256)
   cfg = ModelConfig.from_config(config.model)
@@ -99,22 +99,14 @@ def test_decode_step_v4_kv_cache():
   assert report.flops["xla_raw"] > 0.5 * report.flops["analytic"]
 
 
-def _config_from_flags(*args: str):
-  argv = ["compile_for", f"--config={_REPO}/experiments/configs/default.py", *args]
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-    flags.FLAGS(argv)
-    return compile_for._CONFIG.value  # pylint: disable=protected-access
-
-
-def test_too_big_for_one_chip_exits_nonzero(capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    _run_binary("--config.model.num_layers=2", "--config.model.d_model=16384",
-                "--config.model.num_heads=128", "--config.model.num_kv_heads=8",
-                "--config.model.head_dim=128", "--config.model.d_ff=65536",
-                "--config.model.vocab_size=256", "--config.data.seq_len=128",
-                "--config.train.batch_size=1", "--topology=v5e:1x1")
-  assert exit_info.value.code == 1
-  err = capsys.readouterr().err
+def test_too_big_for_one_chip_exits_nonzero():
+  run = _run_binary("--config.model.num_layers=2", "--config.model.d_model=16384",
+                    "--config.model.num_heads=128", "--config.model.num_kv_heads=8",
+                    "--config.model.head_dim=128", "--config.model.d_ff=65536",
+                    "--config.model.vocab_size=256", "--config.data.seq_len=128",
+                    "--config.train.batch_size=1", "--topology=v5e:1x1")
+  assert run.returncode == 1, run.stderr[-3000:]
+  err = run.stderr
   assert "does NOT fit" in err and "GiB over the 16 GiB HBM of v5e" in err
   assert "dominated by" in err
 
