@@ -238,7 +238,23 @@ def decode_step(params: Params, state: DecodeState, tokens_B: Array, *, cfg: Mod
   return _head(params, state, x_Bx1xD, positions_Bx1, cfg=cfg, opts=opts)[:, 0], state
 
 
+def decode_and_sample(params: Params, state: DecodeState, tokens_B: Array, rng: Array, *,
+                      cfg: ModelConfig, opts: Options,
+                      sampling: sampling_lib.SamplingConfig) -> tuple[Array, DecodeState]:
+  """A decode step whose output is the next token of every sequence."""
+  logits_BxV, state = decode_step(params, state, tokens_B, cfg=cfg, opts=opts)
+  return sampling_lib.sample(logits_BxV, rng, sampling), state
+
+
 # --- jitted engine ----------------------------------------------------------------------------
+
+_STATIC = ("cfg", "opts")
+_jit_prefill_chunk = jax.jit(prefill_chunk, static_argnames=_STATIC, donate_argnums=(1, 2))
+_jit_prefill_logits = jax.jit(prefill_logits, static_argnames=_STATIC)
+_jit_decode_step = jax.jit(decode_step, static_argnames=_STATIC, donate_argnums=(1,))
+_jit_decode_and_sample = jax.jit(decode_and_sample, static_argnames=(*_STATIC, "sampling"),
+                                 donate_argnums=(1,))
+
 
 @dataclasses.dataclass
 class Generation:
@@ -271,12 +287,11 @@ class Engine:
   def __init__(self, cfg: ModelConfig, opts: Options = Options(), *,
                mesh: Optional[jax.sharding.Mesh] = None, rules=sharding_lib.LOGICAL_AXIS_RULES):
     self.cfg, self.opts, self.mesh, self.rules = cfg, opts, mesh, rules
-    static = dict(cfg=cfg, opts=opts)
-    self._chunk = jax.jit(functools.partial(prefill_chunk, **static), donate_argnums=(1, 2))
-    self._logits = jax.jit(functools.partial(prefill_logits, **static))
-    self._decode = jax.jit(functools.partial(decode_step, **static), donate_argnums=(1,))
-    self._sample_step = jax.jit(self._decode_and_sample, static_argnums=(4,),
-                                donate_argnums=(1,))
+    static = dict(cfg=cfg, opts=opts)  # Engines of equal (cfg, opts) share compilations.
+    self._chunk = functools.partial(_jit_prefill_chunk, **static)
+    self._logits = functools.partial(_jit_prefill_logits, **static)
+    self._decode = functools.partial(_jit_decode_step, **static)
+    self._sample_step = functools.partial(_jit_decode_and_sample, **static)
 
   def scope(self) -> contextlib.AbstractContextManager:
     """The mesh and logical-axis rules every jitted call runs under (nothing without a mesh)."""
@@ -327,10 +342,6 @@ class Engine:
     with self.scope():
       return self._decode(params, state, np.asarray(tokens_B, np.int32))
 
-  def _decode_and_sample(self, params, state, tokens_B, rng, sampling):
-    logits_BxV, state = decode_step(params, state, tokens_B, cfg=self.cfg, opts=self.opts)
-    return sampling_lib.sample(logits_BxV, rng, sampling), state
-
   def generate(self, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                sampling: sampling_lib.SamplingConfig = sampling_lib.SamplingConfig(),
                rng: Optional[Array] = None, stop_tokens: Sequence[int] = (),
@@ -359,7 +370,7 @@ class Engine:
         break
       rng, key = jax.random.split(rng)
       with self.scope():
-        next_B, state = self._sample_step(params, state, tokens_B, key, sampling)
+        next_B, state = self._sample_step(params, state, tokens_B, key, sampling=sampling)
       tokens_B, steps = np.asarray(next_B), steps + 1
     return Generation(tokens=outputs, prefill_seconds=prefill_s,
                       decode_seconds=time.perf_counter() - start,
