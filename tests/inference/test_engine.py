@@ -50,11 +50,11 @@ def test_chunks_longer_than_window_in_query_blocks():
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("iterations", [1, 4])
-def test_test_time_depth(iterations):
+@pytest.mark.parametrize("iterations,cross_rope", [(1, False), (4, True)])
+def test_test_time_depth(iterations, cross_rope):
   # A yocou model with T = 2 parameters run at another depth equals the model built at that
   # depth (the loop shares one parameter set), and the cache follows: T ring buffers per layer.
-  trained = ref_lib.tiny("yocou")
+  trained = ref_lib.tiny("yocou", cross_rope=cross_rope)
   params = ref_lib.random_params(trained, seed=5)
   cfg = trained.replace(num_iterations=iterations)
   tokens = _tokens(2, seed=6)
