@@ -3,7 +3,8 @@ r"""Inference benchmark: prefill time, decode tokens/s and K/V-cache bytes again
   python -m experiments.bench_inference [--json_out=PATH] [--plot_out=PATH]
 
 Every arch gets the same width, heads, layers and window (default d 256, 8 layers, 8 heads of 32,
-2 kv heads, W 512, T 3; rins loops its first half T times), random weights, batch 1. For each
+4 kv heads, d_ff 768, W 512, T 3; rins loops its first half T times), random weights, batch 1.
+For each
 context N it prefills an N-token prompt in chunks (``--chunk_size``; full attention reads only
 the causal prefix of its cache) and then decodes ``--decode_steps`` tokens greedily, in rounds
 interleaved across the archs; decode tokens/s is one over the median step time (both keep
@@ -11,6 +12,9 @@ other processes on a shared machine from favouring one arch).
 Compilation is excluded: each arch compiles its chunk and decode steps once, for the largest
 context, before anything is timed.
 Prints a table and the targets of issue #5, writes a PNG of throughput against context.
+
+The defaults take about 30 minutes on two shared CPU cores, almost all of it the quadratic 32K
+prefills of transformer (~10 min) and rins (~13 min); ``--archs`` and ``--contexts`` shorten it.
 """
 
 from __future__ import annotations
