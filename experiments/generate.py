@@ -13,13 +13,9 @@ cache bytes (live arrays, and ``accounting.kv_cache_bytes`` for the same length)
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Any, Optional, Sequence
-
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (required).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file whose whole text is one prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
@@ -34,87 +30,32 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile first, so the reported speeds exclude it.")
 
 
-@dataclasses.dataclass
-class Loaded:
-  config: Any  # The run's ConfigDict.
-  model_cfg: Any  # ModelConfig (num_iterations possibly overridden).
-  params: Any
-  tokenizer: Any
-  step: int
-
-
-def load(workdir: str, step: Optional[int] = None, num_iterations: int = 0) -> Loaded:
-  """The params of a checkpoint (restored as the trainer saved them) and the run's tokenizer."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  from yocou_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from yocou_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from yocou_jax.model import Model  # pylint: disable=g-import-not-at-top
-  from yocou_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from yocou_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from yocou_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=1_000_000, use_async=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-  config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-  trained_cfg = ModelConfig.from_config(config.model)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  abstract, shardings = step_lib.state_shardings(
-      Model(trained_cfg), optimizer_lib.make_optimizer(config.train), mesh, config.data.seq_len)
-  state = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(abstract, shardings))
-  checkpointer.close()
-  model_cfg = trained_cfg.replace(num_iterations=num_iterations or trained_cfg.num_iterations)
-  tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, "tokenizer"))
-  return Loaded(config, model_cfg, state.params, tokenizer, step)
-
-
-def generate(loaded: Loaded, prompts: Sequence[str], max_new_tokens: int, *, sampling=None,
-             seed: int = 0, chunk_size: int = 512, warmup: bool = True):
-  """(continuation texts, Generation) for ``prompts`` in one batch."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
-  from yocou_jax.inference import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
-
-  tok = loaded.tokenizer
-  ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
-  max_len = max(map(len, ids)) + max_new_tokens
-  engine = engine_lib.Engine(loaded.model_cfg, engine_lib.Options(chunk_size=chunk_size))
-  kwargs = dict(sampling=sampling or sampling_lib.SamplingConfig(), max_len=max_len,
-                stop_tokens=[tok.eos_id] if tok.eos_id is not None else [])
-  if warmup:
-    engine.generate(loaded.params, ids, min(2, max_new_tokens), **kwargs)
-  result = engine.generate(loaded.params, ids, max_new_tokens, rng=jax.random.key(seed),
-                           **kwargs)
-  return [tok.decode(t) for t in result.tokens], result
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
   from yocou_jax.inference import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
 
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
   prompts = list(_PROMPT.value)
   if _PROMPT_FILE.value:
     with open(_PROMPT_FILE.value) as f:
       prompts.append(f.read())
   if not prompts:
     raise app.UsageError("give --prompt (one or more) or --prompt_file")
-  loaded = load(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
+  run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
   sampling = sampling_lib.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  chunk_size = _CHUNK.value or loaded.config.get("inference", {}).get("chunk_size", 512)
-  texts, result = generate(loaded, prompts, _MAX_NEW.value, sampling=sampling, seed=_SEED.value,
-                           chunk_size=chunk_size, warmup=_WARMUP.value)
-  cfg = loaded.model_cfg
-  print(f"checkpoint step {loaded.step}: {cfg.arch}, {cfg.num_layers} layers, "
+  chunk_size = _CHUNK.value or run.config.get("inference", {}).get("chunk_size", 512)
+  continuations, result = text.generate(run, prompts, _MAX_NEW.value, sampling=sampling,
+                                        seed=_SEED.value, chunk_size=chunk_size,
+                                        warmup=_WARMUP.value)
+  cfg = run.model_cfg
+  print(f"checkpoint step {run.step}: {cfg.arch}, {cfg.num_layers} layers, "
         f"T={cfg.iterations}, window {cfg.window}")
-  for prompt, text in zip(prompts, texts):
-    print(f"\n--- prompt: {prompt!r}\n{prompt}{text}")
+  for prompt, continuation in zip(prompts, continuations):
+    print(f"\n--- prompt: {prompt!r}\n{prompt}{continuation}")
   formula = accounting.kv_cache_bytes(cfg, result.max_len, len(prompts))
   print(f"\nprefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
         f"({result.prefill_tokens_per_sec:,.0f} tokens/s)")

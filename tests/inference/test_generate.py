@@ -3,17 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import flagsaver
 
-from experiments import generate as generate_bin
 from experiments.configs import default
 from yocou_jax import accounting
 from yocou_jax.config import ModelConfig
 from yocou_jax.data import tokenizers
 from yocou_jax.inference import engine as engine_lib
+from yocou_jax.inference import text
 from yocou_jax.train import checkpoint as ckpt_lib
 from yocou_jax.train import optimizer as optimizer_lib
 from yocou_jax.train import step as step_lib
+from tests import cpu_env
 from tests.inference import reference as ref_lib
 
 
@@ -58,27 +58,37 @@ def _write_run(workdir: str, arch: str = "yocou"):
   return cfg, params
 
 
-def test_generate_binary_loads_checkpoint_and_reports(tmp_path, capsys):
-  # A T = 2 checkpoint generated from at T = 3 (test-time depth).
+def test_load_run_and_generate_at_another_depth(tmp_path):
+  # A T = 2 checkpoint loaded at T = 3 (test-time depth); greedy continuations stop at EOS.
   workdir = str(tmp_path)
   trained_cfg, params = _write_run(workdir)
-  loaded = generate_bin.load(workdir)
-  assert loaded.step == 5 and loaded.model_cfg == trained_cfg
-  jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
-  prompts = ["ab", "hello"]
-  with flagsaver.flagsaver(workdir=workdir, prompt=prompts, max_new_tokens=5, warmup=False,
-                           chunk_size=4, num_iterations=3):
-    generate_bin.main(["generate"])
-  out = capsys.readouterr().out
-  # The printed continuations are the engine's greedy ones on the checkpoint's params.
-  cfg = trained_cfg.replace(num_iterations=3)
+  run = text.load_run(workdir, num_iterations=3)
+  assert run.step == 5 and run.model_cfg == trained_cfg.replace(num_iterations=3)
+  jax.tree.map(np.testing.assert_array_equal, run.params, params)
+  continuations, result = text.generate(run, ["ab", "hello"], 5, chunk_size=4, warmup=False)
   tok = tokenizers.ByteTokenizer()
-  ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-  want = engine_lib.Engine(cfg, engine_lib.Options(chunk_size=4)).generate(
+  ids = [[tok.bos_id] + tok.encode(p) for p in ("ab", "hello")]
+  want = engine_lib.Engine(run.model_cfg, engine_lib.Options(chunk_size=4)).generate(
       params, ids, 5, stop_tokens=[tok.eos_id]).tokens
-  for prompt, tokens in zip(prompts, want):
-    assert f"{prompt}{tok.decode(tokens)}" in out
-  assert "checkpoint step 5: yocou, 2 layers, T=3" in out and "tokens/s" in out
-  formula = accounting.kv_cache_bytes(cfg, 6 + 5, 2)
-  assert formula != accounting.kv_cache_bytes(trained_cfg, 6 + 5, 2)
-  assert f"{formula:,} bytes for 2 x 11 tokens (accounting.kv_cache_bytes: {formula:,})" in out
+  assert continuations == [tok.decode(t) for t in want] and result.tokens == want
+  assert result.cache_bytes == accounting.kv_cache_bytes(run.model_cfg, 6 + 5, 2)
+
+
+def test_generate_binary(tmp_path):
+  # The binary in a child process (absl flags of binaries collide in one process).
+  workdir = str(tmp_path)
+  _write_run(workdir)
+  (tmp_path / "prompt.txt").write_text("print(1)\n")
+  proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
+                            f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
+                            "--num_iterations=3", "--temperature=0.8", "--top_k=20",
+                            "--chunk_size=4", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cfg = ModelConfig.from_config(default.get_config().model).replace(
+      arch="yocou", num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+      vocab_size=384, window=4, num_iterations=3)
+  formula = accounting.kv_cache_bytes(cfg, 10 + 4, 2)  # BOS + "print(1)\n", 4 new tokens.
+  assert "checkpoint step 5: yocou, 2 layers, T=3, window 4" in proc.stdout
+  assert "--- prompt: 'ab'" in proc.stdout and "--- prompt: 'print(1)\\n'" in proc.stdout
+  assert f"{formula:,} bytes for 2 x 14 tokens (accounting.kv_cache_bytes: {formula:,})" in (
+      proc.stdout)
