@@ -198,7 +198,7 @@ _CACHE_ATTENTION: dict[str, CacheAttention] = {"xla": xla_cache_attention}
 
 
 def register_cache_attention(impl: str, fn: CacheAttention) -> None:
-  """Makes ``fn`` (same signature as :func:`xla_cache_attention`) the cache attention of ``impl``."""
+  """Makes ``fn`` (signature of :func:`xla_cache_attention`) the cache attention of ``impl``."""
   _CACHE_ATTENTION[impl] = fn
 
 
