@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   lg.tensorboard = True  # Also write TensorBoard event files.
   lg.progress = True  # One-line progress display on the console.
 
+  # --- inference -------------------------------------------------------------------------------
+  inf = config.inference = ml_collections.ConfigDict()
+  inf.chunk_size = 512  # Prefill chunk length (bounds prefill memory for long prompts).
+
   # --- mesh ------------------------------------------------------------------------------------
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Data-parallel axis size (-1: the rest of the devices).
