@@ -19,6 +19,7 @@ def plot_loss_curve(workdir: str, path: str) -> bool:
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   records = metrics_lib.read_metrics(workdir)
@@ -37,6 +38,7 @@ def plot_loss_curve(workdir: str, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
   axes[1].set_xscale("log")
+  axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # No crowded labels.
   fig.suptitle(os.path.basename(os.path.abspath(workdir)))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
