@@ -39,18 +39,62 @@ def _acc_dtype(x: Array):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _masked_softmax_weighted_sum(s_f32: Array, mask: Array, v: Array, spec: str) -> Array:
-  """softmax(s) restricted to ``mask`` (in float32 or wider), applied to v with einsum ``spec``.
+def _visible(s: Array, lse: Array, mask: Array) -> Array:
+  """Softmax probabilities exp(s - lse) on visible keys, exactly 0 elsewhere."""
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  return jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
 
-  Rows with no visible key produce zeros (not NaN).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+  """softmax(scale * q k^T, restricted to ``mask``) v for grouped-query layouts.
+
+  q: [..., K, G, N, D]; k, v: [..., K, S, D]; mask broadcastable to [..., K, G, N, S].
+  Returns [..., K, G, N, D]. Rows with no visible key give zeros (not NaN).
+
+  The gradient is written by hand the way flash attention does it: the forward keeps only the
+  output and the per-row log-sum-exp (O(N), not O(N S)), and the backward recomputes the scores
+  once and uses ``dS = P * (dP - rowsum(dO * O))``. That saves the score tensor a training step
+  would otherwise keep, and about half the elementwise passes over it that autodiff of
+  max/exp/sum/divide produces (those passes, not the matmuls, dominate attention on CPUs).
   """
-  s_f32 = jnp.where(mask, s_f32, -jnp.inf)
-  m = jnp.max(s_f32, axis=-1, keepdims=True)
+  return _attend_fwd(q, k, v, mask, scale)[0]
+
+
+def _attend_fwd(q, k, v, mask, scale):
+  acc = _acc_dtype(q)
+  s = jnp.einsum("...kgnd,...ksd->...kgns", q, k, preferred_element_type=acc) * scale
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s_f32 - m)  # exp(-inf) = 0 on masked entries.
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0.0, 1.0, denom)
-  return jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=_acc_dtype(v))
+  p = jnp.exp(s - m[..., None])  # exp(-inf) = 0 on masked entries.
+  denom = jnp.sum(p, axis=-1)
+  safe = jnp.where(denom == 0.0, 1.0, denom)
+  out = jnp.einsum("...kgns,...ksd->...kgnd", p.astype(v.dtype), v,
+                   preferred_element_type=_acc_dtype(v)) / safe[..., None]
+  lse = jnp.where(denom == 0.0, -jnp.inf, m + jnp.log(safe))
+  out = out.astype(jnp.result_type(q.dtype, v.dtype))
+  return out, (q, k, v, mask, out, lse)
+
+
+def _attend_bwd(scale, res, d_out):
+  q, k, v, mask, out, lse = res
+  acc = _acc_dtype(q)
+  s = jnp.einsum("...kgnd,...ksd->...kgns", q, k, preferred_element_type=acc) * scale
+  p = _visible(s, lse, mask)
+  d_out = d_out.astype(acc)
+  dv = jnp.einsum("...kgns,...kgnd->...ksd", p.astype(v.dtype), d_out.astype(v.dtype),
+                  preferred_element_type=acc)
+  dp = jnp.einsum("...kgnd,...ksd->...kgns", d_out.astype(v.dtype), v,
+                  preferred_element_type=acc)
+  row = jnp.sum(d_out * out.astype(acc), axis=-1)  # rowsum(dO * O) = rowsum(P * dP).
+  ds = p * (dp - row[..., None]) * scale
+  dq = jnp.einsum("...kgns,...ksd->...kgnd", ds.astype(k.dtype), k, preferred_element_type=acc)
+  dk = jnp.einsum("...kgns,...kgnd->...ksd", ds.astype(q.dtype), q, preferred_element_type=acc)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def dense_attention(
@@ -69,10 +113,7 @@ def dense_attention(
   window, ``q_offset + i - j < window``.
   """
   n, s = q_BxNxHxD.shape[1], k_BxSxKxD.shape[1]
-  q = _group_queries(q_BxNxHxD, k_BxSxKxD.shape[2])
-  scale = q.shape[-1] ** -0.5
-  s_BxKxGxNxS = jnp.einsum(
-      "bnkgd,bskd->bkgns", q, k_BxSxKxD, preferred_element_type=_acc_dtype(q)) * scale
+  q_BxKxGxNxD = _group_queries(q_BxNxHxD, k_BxSxKxD.shape[2]).transpose(0, 2, 3, 1, 4)
   qi = q_offset + jnp.arange(n)[:, None]
   kj = jnp.arange(s)[None, :]
   mask_NxS = kj <= qi
@@ -82,8 +123,9 @@ def dense_attention(
   if q_segment_ids is not None:
     seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & seg[:, None, None]
-  out_BxNxKxGxD = _masked_softmax_weighted_sum(s_BxKxGxNxS, mask, v_BxSxKxD, "bkgns,bskd->bnkgd")
-  return out_BxNxKxGxD.reshape(q_BxNxHxD.shape).astype(q_BxNxHxD.dtype)
+  out_BxKxGxNxD = _attend(q_BxKxGxNxD, k_BxSxKxD.transpose(0, 2, 1, 3),
+                          v_BxSxKxD.transpose(0, 2, 1, 3), mask, q_BxNxHxD.shape[-1] ** -0.5)
+  return out_BxKxGxNxD.transpose(0, 3, 1, 2, 4).reshape(q_BxNxHxD.shape).astype(q_BxNxHxD.dtype)
 
 
 def _pad_to(x: Array, length: int, axis: int = 1, value=0) -> Array:
@@ -139,9 +181,6 @@ def local_attention(
   v_BxLxMxKxD = key_windows(v_BxNxKxD, 0)
   seg_k = key_windows(segment_ids, -2)
 
-  scale = d ** -0.5
-  s = jnp.einsum("blckgd,blmkd->blkgcm", q_BxLxCxKxGxD, k_BxLxMxKxD,
-                 preferred_element_type=_acc_dtype(q)) * scale
   # Absolute indices: query (l, c) is l*C + c; key (l, m) is (l - prev)*C + m.
   qi = jnp.arange(c)[:, None]
   kj = jnp.arange(m)[None, :] - prev * c
@@ -149,7 +188,9 @@ def local_attention(
   mask_CxM = (delta >= 0) & (delta < window)
   mask = mask_CxM[None, None, None, None] & (
       seg_q[:, :, None, None, :, None] == seg_k[:, :, None, None, None, :])
-  out = _masked_softmax_weighted_sum(s, mask, v_BxLxMxKxD, "blkgcm,blmkd->blckgd")
+  out = _attend(q_BxLxCxKxGxD.transpose(0, 1, 3, 4, 2, 5), k_BxLxMxKxD.transpose(0, 1, 3, 2, 4),
+                v_BxLxMxKxD.transpose(0, 1, 3, 2, 4), mask, d ** -0.5)
+  out = out.transpose(0, 1, 4, 2, 3, 5)  # [B, L, K, G, C, D] -> [B, L, C, K, G, D].
   out = out.reshape(b, n_pad, h, d)[:, :n]
   return out.astype(q_BxNxHxD.dtype)
 
@@ -165,8 +206,8 @@ def causal_attention(
   """Full causal attention that never materialises an N x N score matrix.
 
   Queries are processed in chunks of C; chunk i only reads keys ``[0, (i+1)*C)`` (the causal
-  prefix), so the work is about N^2/2 and the largest score tensor is C x N. Each chunk is
-  rematerialised in the backward pass, so training memory stays O(C * N) per layer as well.
+  prefix), so the work is about N^2/2 and the largest score tensor is C x N. The gradient of
+  each chunk recomputes its scores (see :func:`_attend`), so training keeps O(N * D) per layer.
   The chunk loop is unrolled with static shapes, so C grows past ``block_size`` when needed to
   keep it at most ``MAX_CAUSAL_CHUNKS`` chunks.
   """
@@ -175,7 +216,6 @@ def causal_attention(
   if segment_ids is None:
     segment_ids = jnp.ones((b, n), jnp.int32)
 
-  @functools.partial(jax.checkpoint, static_argnums=(5,))
   def chunk(q, k, v, seg_q, seg_k, offset):
     return dense_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k, q_offset=offset)
 
