@@ -13,6 +13,12 @@ Compilation is excluded: each arch compiles its chunk and decode steps once, for
 context, before anything is timed.
 Prints a table and the targets of issue #5, writes a PNG of throughput against context.
 
+Batch 1 measures latency. Serving throughput is set by how many sequences' caches fit in memory,
+so at the largest context each arch also decodes the largest batch (up to
+``--budget_max_batch``) whose cache fits ``--cache_budget_mib``, and reports tokens/s over the
+whole batch. Those caches are filled with random K/V instead of prefilled (decode time does not
+depend on the values, only on the positions, which are set to the context length).
+
 The defaults take about 30 minutes on two shared CPU cores, almost all of it the quadratic 32K
 prefills of transformer (~10 min) and rins (~13 min); ``--archs`` and ``--contexts`` shorten it.
 """
@@ -41,6 +47,11 @@ _HEADS = flags.DEFINE_integer("num_heads", 8, "Query heads (head_dim = d_model /
 _KV_HEADS = flags.DEFINE_integer("num_kv_heads", 4, "K/V heads.")
 _WINDOW = flags.DEFINE_integer("window", 512, "Sliding window of the self-decoder.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 3, "T: loops of yocou / rins.")
+_BUDGET = flags.DEFINE_integer(
+    "cache_budget_mib", 1024, "Equal-memory decode: at the largest context every arch also "
+    "decodes the largest batch whose K/V cache fits in this many MiB (0: skip).")
+_BUDGET_MAX_BATCH = flags.DEFINE_integer("budget_max_batch", 64,
+                                         "Cap on the equal-memory decode batch.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "runs/bench_inference.png", "Throughput plot (PNG).")
 
@@ -105,7 +116,7 @@ def decode_steps(engine, params, logits, state, steps: int):
   return step_s, logits, state
 
 
-def run() -> dict[str, list[dict[str, Any]]]:
+def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
   """Per context: every arch's prefill, then decode rounds interleaved across the archs.
 
   Interleaving puts every arch's decode steps under the same background load (this is a shared
@@ -154,7 +165,62 @@ def run() -> dict[str, list[dict[str, Any]]]:
       print(f"{arch:12s} {context:6d}: decode {row['decode_tokens_per_s']:7.1f} tokens/s",
             flush=True)
     del live
-  return results
+  budget_rows = []
+  if _BUDGET.value > 0:
+    budget_rows = budget_decode(models, max(contexts), max_len, _DECODE_STEPS.value)
+  return results, budget_rows
+
+
+def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[str, Any]]:
+  """Decode tokens/s of each arch at the largest batch whose cache fits the memory budget."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+  budget = _BUDGET.value * 2**20
+  rows = []
+  for arch, (cfg, engine, params) in models.items():
+    per_sequence = accounting.kv_cache_bytes(cfg, max_len)
+    batch = min(_BUDGET_MAX_BATCH.value, budget // per_sequence)
+    row = {"arch": arch, "context": context, "budget_bytes": budget, "batch": int(batch),
+           "cache_bytes_per_sequence": per_sequence}
+    rows.append(row)
+    if batch == 0:
+      print(f"{arch:12s} budget: one sequence's cache ({per_sequence / 2**20:.0f} MiB) exceeds "
+            f"--cache_budget_mib={_BUDGET.value}", flush=True)
+      continue
+    empty = engine.init_state(batch, max_len)
+    keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(empty.cache))))
+    cache = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), empty.cache)
+    state = engine_lib.DecodeState(cache=cache, lengths=jnp.full((batch,), context, jnp.int32))
+    row["cache_bytes"] = cache_lib.cache_bytes(state.cache)
+    if row["cache_bytes"] != accounting.kv_cache_bytes(cfg, max_len, batch):
+      raise AssertionError(f"{arch}: live cache bytes differ from accounting.kv_cache_bytes")
+    logits = np.zeros((batch, cfg.vocab_size), np.float32)
+    _, logits, state = decode_steps(engine, params, logits, state, 2)  # Compiles this batch.
+    times, _, _ = decode_steps(engine, params, logits, state, steps)
+    row["decode_step_s"] = times
+    row["decode_tokens_per_s"] = batch / float(np.median(times))
+    print(f"{arch:12s} budget: batch {batch:3d}, {row['cache_bytes'] / 2**20:8.1f} MiB, decode "
+          f"{row['decode_tokens_per_s']:8.1f} tokens/s", flush=True)
+    del state, cache
+  return rows
+
+
+def budget_table(rows) -> str:
+  lines = [f"{'arch':12s} {'context':>8s} {'batch':>6s} {'cache MiB':>10s} {'step ms':>9s} "
+           f"{'decode tok/s':>13s}"]
+  for r in rows:
+    if r["batch"]:
+      lines.append(f"{r['arch']:12s} {r['context']:8d} {r['batch']:6d} "
+                   f"{r['cache_bytes'] / 2**20:10.1f} "
+                   f"{1e3 * r['batch'] / r['decode_tokens_per_s']:9.1f} "
+                   f"{r['decode_tokens_per_s']:13.1f}")
+  return "\n".join(lines)
 
 
 def table(results) -> str:
@@ -214,8 +280,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
-  results = run()
+  results, budget_rows = run()
   print("\n" + table(results))
+  if budget_rows:
+    print(f"\nequal-memory decode (cache budget {_BUDGET.value} MiB, batch <= "
+          f"{_BUDGET_MAX_BATCH.value}; no target):\n" + budget_table(budget_rows))
+    by_arch = {r["arch"]: r for r in budget_rows if r["batch"]}
+    if {"transformer", "yocou"} <= set(by_arch):
+      print("yocou / transformer decode tokens/s at equal cache memory: "
+            f"{by_arch['yocou']['decode_tokens_per_s'] / by_arch['transformer']['decode_tokens_per_s']:.2f}")
   checks = targets(results)
   for name, value, threshold, met in checks:
     print(f"target {name}: {value:.2f} ({threshold}) {'MET' if met else 'MISSED'}")
@@ -226,7 +299,7 @@ def main(argv):
     print(f"plot: {_PLOT_OUT.value}")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump({"results": results,
+      json.dump({"results": results, "equal_memory_decode": budget_rows,
                  "targets": [dict(name=n, value=v, threshold=t, met=m) for n, v, t, m in checks]},
                 f, indent=2)
 
