@@ -90,6 +90,18 @@ def warm_up(engine, params, max_len: int) -> None:
   jax.block_until_ready(logits)
 
 
+def live_cache_bytes(cfg, state, max_len: int) -> int:
+  """Bytes of the state's cache arrays, checked against ``accounting.kv_cache_bytes``."""
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
+
+  live = cache_lib.cache_bytes(state.cache)
+  if live != accounting.kv_cache_bytes(cfg, max_len, state.lengths.shape[0]):
+    raise AssertionError(f"{cfg.arch}: live cache bytes {live} differ from "
+                         "accounting.kv_cache_bytes")
+  return live
+
+
 def prefill(engine, params, context: int, max_len: int):
   """(seconds, last logits, state) of one timed prefill of a random ``context``-token prompt."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -125,7 +137,6 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
-  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
   opts = engine_lib.Options(chunk_size=_CHUNK.value, kv_block=_KV_BLOCK.value,
@@ -149,10 +160,8 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
       results[arch].append({"context": context, "prefill_s": seconds,
                             "prefill_tokens_per_s": context / seconds,
                             "cache_bytes": accounting.kv_cache_bytes(cfg, context),
-                            "cache_bytes_live": cache_lib.cache_bytes(state.cache),
+                            "cache_bytes_live": live_cache_bytes(cfg, state, max_len),
                             "max_len": max_len})
-      if results[arch][-1]["cache_bytes_live"] != accounting.kv_cache_bytes(cfg, max_len):
-        raise AssertionError(f"{arch}: live cache bytes differ from accounting.kv_cache_bytes")
       print(f"{arch:12s} {context:6d}: prefill {seconds:8.2f} s", flush=True)
     for _ in range(rounds):
       for arch, (cfg, engine, params) in models.items():
@@ -178,7 +187,6 @@ def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[s
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
-  from yocou_jax.inference import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
   budget = _BUDGET.value * 2**20
@@ -197,9 +205,7 @@ def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[s
     keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(empty.cache))))
     cache = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), empty.cache)
     state = engine_lib.DecodeState(cache=cache, lengths=jnp.full((batch,), context, jnp.int32))
-    row["cache_bytes"] = cache_lib.cache_bytes(state.cache)
-    if row["cache_bytes"] != accounting.kv_cache_bytes(cfg, max_len, batch):
-      raise AssertionError(f"{arch}: live cache bytes differ from accounting.kv_cache_bytes")
+    row["cache_bytes"] = live_cache_bytes(cfg, state, max_len)
     logits = np.zeros((batch, cfg.vocab_size), np.float32)
     _, logits, state = decode_steps(engine, params, logits, state, 2)  # Compiles this batch.
     times, _, _ = decode_steps(engine, params, logits, state, steps)

@@ -47,9 +47,8 @@ def main(argv):
     raise app.UsageError("give --prompt (one or more) or --prompt_file")
   run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
   sampling = sampling_lib.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  chunk_size = _CHUNK.value or run.config.get("inference", {}).get("chunk_size", 512)
   continuations, result = text.generate(run, prompts, _MAX_NEW.value, sampling=sampling,
-                                        seed=_SEED.value, chunk_size=chunk_size,
+                                        seed=_SEED.value, chunk_size=_CHUNK.value,
                                         warmup=_WARMUP.value)
   cfg = run.model_cfg
   print(f"checkpoint step {run.step}: {cfg.arch}, {cfg.num_layers} layers, "

@@ -45,8 +45,12 @@ def _visible(s: Array, lse: Array, mask: Array) -> Array:
   return jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
 
 
+def _scores(q: Array, k: Array, scale: float) -> Array:
+  return jnp.einsum("...kgnd,...ksd->...kgns", q, k, preferred_element_type=_acc_dtype(q)) * scale
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
   """softmax(scale * q k^T, restricted to ``mask``) v for grouped-query layouts.
 
   q: [..., K, G, N, D]; k, v: [..., K, S, D]; mask broadcastable to [..., K, G, N, S].
@@ -62,9 +66,7 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
 
 
 def _attend_fwd(q, k, v, mask, scale):
-  acc = _acc_dtype(q)
-  s = jnp.einsum("...kgnd,...ksd->...kgns", q, k, preferred_element_type=acc) * scale
-  s = jnp.where(mask, s, -jnp.inf)
+  s = jnp.where(mask, _scores(q, k, scale), -jnp.inf)
   m = jnp.max(s, axis=-1)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m[..., None])  # exp(-inf) = 0 on masked entries.
@@ -80,7 +82,7 @@ def _attend_fwd(q, k, v, mask, scale):
 def _attend_bwd(scale, res, d_out):
   q, k, v, mask, out, lse = res
   acc = _acc_dtype(q)
-  s = jnp.einsum("...kgnd,...ksd->...kgns", q, k, preferred_element_type=acc) * scale
+  s = _scores(q, k, scale)
   p = _visible(s, lse, mask)
   d_out = d_out.astype(acc)
   dv = jnp.einsum("...kgns,...kgnd->...ksd", p.astype(v.dtype), d_out.astype(v.dtype),
@@ -94,7 +96,7 @@ def _attend_bwd(scale, res, d_out):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def dense_attention(
@@ -123,7 +125,7 @@ def dense_attention(
   if q_segment_ids is not None:
     seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & seg[:, None, None]
-  out_BxKxGxNxD = _attend(q_BxKxGxNxD, k_BxSxKxD.transpose(0, 2, 1, 3),
+  out_BxKxGxNxD = attend(q_BxKxGxNxD, k_BxSxKxD.transpose(0, 2, 1, 3),
                           v_BxSxKxD.transpose(0, 2, 1, 3), mask, q_BxNxHxD.shape[-1] ** -0.5)
   return out_BxKxGxNxD.transpose(0, 3, 1, 2, 4).reshape(q_BxNxHxD.shape).astype(q_BxNxHxD.dtype)
 
@@ -188,7 +190,7 @@ def local_attention(
   mask_CxM = (delta >= 0) & (delta < window)
   mask = mask_CxM[None, None, None, None] & (
       seg_q[:, :, None, None, :, None] == seg_k[:, :, None, None, None, :])
-  out = _attend(q_BxLxCxKxGxD.transpose(0, 1, 3, 4, 2, 5), k_BxLxMxKxD.transpose(0, 1, 3, 2, 4),
+  out = attend(q_BxLxCxKxGxD.transpose(0, 1, 3, 4, 2, 5), k_BxLxMxKxD.transpose(0, 1, 3, 2, 4),
                 v_BxLxMxKxD.transpose(0, 1, 3, 2, 4), mask, d ** -0.5)
   out = out.transpose(0, 1, 4, 2, 3, 5)  # [B, L, K, G, C, D] -> [B, L, C, K, G, D].
   out = out.reshape(b, n_pad, h, d)[:, :n]
@@ -207,7 +209,7 @@ def causal_attention(
 
   Queries are processed in chunks of C; chunk i only reads keys ``[0, (i+1)*C)`` (the causal
   prefix), so the work is about N^2/2 and the largest score tensor is C x N. The gradient of
-  each chunk recomputes its scores (see :func:`_attend`), so training keeps O(N * D) per layer.
+  each chunk recomputes its scores (see :func:`attend`), so training keeps O(N * D) per layer.
   The chunk loop is unrolled with static shapes, so C grows past ``block_size`` when needed to
   keep it at most ``MAX_CAUSAL_CHUNKS`` chunks.
   """

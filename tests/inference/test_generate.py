@@ -77,16 +77,14 @@ def test_load_run_and_generate_at_another_depth(tmp_path):
 def test_generate_binary(tmp_path):
   # The binary in a child process (absl flags of binaries collide in one process).
   workdir = str(tmp_path)
-  _write_run(workdir)
+  trained_cfg, _ = _write_run(workdir)
   (tmp_path / "prompt.txt").write_text("print(1)\n")
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
                             f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
                             "--num_iterations=3", "--temperature=0.8", "--top_k=20",
                             "--chunk_size=4", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  cfg = ModelConfig.from_config(default.get_config().model).replace(
-      arch="yocou", num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
-      vocab_size=384, window=4, num_iterations=3)
+  cfg = trained_cfg.replace(num_iterations=3)
   formula = accounting.kv_cache_bytes(cfg, 10 + 4, 2)  # BOS + "print(1)\n", 4 new tokens.
   assert "checkpoint step 5: yocou, 2 layers, T=3, window 4" in proc.stdout
   assert "--- prompt: 'ab'" in proc.stdout and "--- prompt: 'print(1)\\n'" in proc.stdout

@@ -30,6 +30,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from yocou_jax import attention as attention_lib
+
 Array = jax.Array
 
 
@@ -64,11 +66,9 @@ def _weighted_values(p_BxKxMxS: Array, v_BxKxSxD: Array) -> Array:
 def _masked_attention(q_BxKxMxD: Array, k_BxKxSxD: Array, v_BxKxSxD: Array,
                       mask_BxMxS: Array) -> Array:
   """Dense softmax attention restricted to ``mask`` (rows with no visible key give zeros)."""
-  s = jnp.where(mask_BxMxS[:, None], _scores(q_BxKxMxD, k_BxKxSxD), -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  return _weighted_values(p, v_BxKxSxD) / jnp.where(denom == 0.0, 1.0, denom)
+  out = attention_lib.attend(q_BxKxMxD[:, :, None], k_BxKxSxD, v_BxKxSxD,
+                             mask_BxMxS[:, None, None], q_BxKxMxD.shape[-1] ** -0.5)
+  return out[:, :, 0]
 
 
 def heads_first(x_BxCxKxD: Array) -> Array:
