@@ -38,16 +38,18 @@ def _norm_params(cfg: ModelConfig) -> int:
   return sum(leaf.size for path, leaf in flat if "scale" in jax.tree_util.keystr(path))
 
 
-def test_train_step_v5p_fsdp(tmp_path):
+@pytest.mark.parametrize("unroll_loops", [True, False])
+def test_train_step_v5p_fsdp(tmp_path, unroll_loops):
   """Full FSDP over 4 chips: parameter bytes, fit, FLOPs against the analytic count."""
   path = tmp_path / "aot.json"
   run = _run_binary(*_TINY, "--config.model.d_model=128", "--topology=v5p:2x2x1",
-                    "--mesh=data:1,fsdp:-1,tensor:1", f"--json_out={path}")
+                    "--mesh=data:1,fsdp:-1,tensor:1", f"--json_out={path}",
+                    f"--config.model.unroll_loops={unroll_loops}")
   assert run.returncode == 0, run.stderr[-3000:]
   (report,) = json.loads(path.read_text())
   cfg = ModelConfig(arch="yocou", num_layers=2, d_model=128, num_heads=2, num_kv_heads=1,
                     head_dim=64, d_ff=384, vocab_size=256, window=32, num_iterations=2,
-                    attention_block_size=32)
+                    attention_block_size=32, unroll_loops=unroll_loops)
   count, norms = accounting.param_counts(cfg)["total"], _norm_params(cfg)
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert report["num_devices"] == 4 and report["hbm_bytes"] == 95 * 2 ** 30
@@ -78,6 +80,14 @@ def test_train_flops_basis():
   remat = aot.train_flops(cfg.replace(remat="full"), 128, 8, 2)["analytic_loops_once"]
   assert remat == pytest.approx(128 * 8 / 2 * (4 * per_token["decoder"] / 4
                                                + 3 * per_token["lm_head"]))
+  # yocou: the layer scan loops; the T=3 iterations count three times when unrolled, once not.
+  cfg = cfg.replace(arch="yocou", num_iterations=3)
+  by_part = accounting.flops_per_token(cfg, 128)["by_part"]
+  rest = sum(v for k, v in by_part.items() if k not in ("self_decoder", "cross_decoder"))
+  for unroll, trips in ((True, 2), (False, 6)):
+    once = aot.train_flops(cfg.replace(unroll_loops=unroll), 128, 8, 1)["analytic_loops_once"]
+    assert once == pytest.approx(3 * 128 * 8 * (by_part["self_decoder"] / trips
+                                                 + by_part["cross_decoder"] / 2 + rest))
 
 
 def test_decode_step_v4_kv_cache():

@@ -32,6 +32,7 @@ def test_every_arch_is_accepted(arch):
     ("num_recursive_layers", 0, "rins", {}),
     ("dtype", "float16", "yocou", {}),
     ("remat", "some", "yocou", {}),
+    ("unroll_loops", "yes", "yocou", {}),
     ("attention_impl", "flash", "yocou", {}),
     ("rope_theta", 0.0, "yocou", {}),
 ])

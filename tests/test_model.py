@@ -34,6 +34,8 @@ VARIANTS = {
     "rins": {},
     "looped": {},
     "yocou-T3": dict(arch="yocou", num_iterations=3),
+    "yocou-T3-while_loop": dict(arch="yocou", num_iterations=3, unroll_loops=False),
+    "looped-while_loop": dict(arch="looped", unroll_loops=False),
     "yoco-cross_rope": dict(arch="yoco", cross_rope=True),
     "rins-all_layers_looped": dict(arch="rins", num_recursive_layers=4),
     "transformer-tied": dict(arch="transformer", tie_embeddings=True),

@@ -259,7 +259,8 @@ def _trip_count(cfg: ModelConfig, part: accounting.Part) -> int:
     return 1  # Embedding, head, final norm: not scanned.
   if part.attention == accounting.GLOBAL_KV:
     return 1
-  return part.attention_layers * part.applications
+  # The layer scan always loops; the iteration scan only when it is not unrolled.
+  return part.attention_layers * (1 if cfg.unroll_loops else part.applications)
 
 
 def train_flops(cfg: ModelConfig, seq_len: int, batch_size: int, microbatches: int,

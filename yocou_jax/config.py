@@ -46,6 +46,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   init_std: float = 0.02
   attention_block_size: int = 128
+  unroll_loops: bool = True
 
   def __post_init__(self):
     self.validate()
@@ -117,6 +118,8 @@ class ModelConfig:
       fail("remat", f"allowed: {', '.join(REMAT_POLICIES)}")
     if self.attention_impl not in ATTENTION_IMPLS:
       fail("attention_impl", f"allowed: {', '.join(ATTENTION_IMPLS)}")
+    if not isinstance(self.unroll_loops, bool):
+      fail("unroll_loops", "must be True or False")
     if self.rope_theta <= 0:
       fail("rope_theta", "must be positive")
 

@@ -9,7 +9,8 @@ Every arch is built from the same two layers and one stacking primitive:
 * :class:`LoopedStack`: ``num_layers`` *distinct* layers stacked with ``nn.scan`` over a leading
   ``layers`` parameter axis (compile time does not grow with depth), the whole stack optionally
   applied ``num_iterations`` times with *shared* weights by an outer ``nn.scan`` whose params
-  are broadcast (stored once; their gradients sum over iterations).
+  are broadcast (stored once; their gradients sum over iterations). The outer scan is unrolled
+  unless ``unroll_loops=False`` (then it is one while loop whatever T is).
 
 The archs (L = num_layers, T = num_iterations, W = window)::
 
@@ -169,6 +170,9 @@ class LoopedStack(nn.Module):
           split_rngs={"params": False},
           in_axes=(nn.broadcast, nn.broadcast),
           length=self.num_iterations,
+          # Unrolled, each application keeps its own residuals; as a while loop XLA stacks them
+          # into [T, ...] buffers, which costs ~20% of a yocou training step on CPU.
+          unroll=self.num_iterations if self.cfg.unroll_loops else 1,
       )
     x_BxNxD, _ = stack_cls(self.cfg, self.num_layers, self.window, name="stack")(
         x_BxNxD, segment_ids_BxN, positions_BxN)

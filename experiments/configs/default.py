@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.init_std = 0.02  # Std of the normal initialiser of every weight matrix.
   m.attention_block_size = 128  # XLA attention: query/key block length (SWA and causal chunks).
+  # Looped archs (yocou, rins, looped): True compiles the T applications of the shared block as T
+  # unrolled copies (faster steps: no [T, ...] residual stacking in a while loop); False as one
+  # loop (compile time and program size independent of T). The parameters are shared either way.
+  m.unroll_loops = True
 
   # --- data ------------------------------------------------------------------------------------
   d = config.data = ml_collections.ConfigDict()
