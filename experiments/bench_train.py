@@ -4,7 +4,8 @@ r"""Training throughput: matmul peak, step time and MFU per arch, and input-pipe
 
 Runs on whatever single device JAX finds (this CPU, one GPU, one TPU chip). For each arch at
 the same benchmark shape (d 512, 8 layers, seq 1024 by default) it jits the real train step
-(the trainer's own ``jit_train_step``), times ``--steps`` steps after ``--warmup`` and reports
+(the trainer's own ``jit_train_step``), times ``--steps`` steps after ``--warmup`` (interleaved
+across the archs, so that load on a shared machine affects them alike) and reports
 MFU = analytic training FLOPs per step / step time / peak, with the peak of the device table or,
 on CPU and unknown devices, a matmul peak measured first. It also checks that yocou's extra time
 over yoco is no more than its extra arithmetic, and that the grain pipeline delivers tokens far
@@ -16,6 +17,7 @@ Targets: MFU >= 50% of the measured peak per arch (float32); yocou/yoco step-tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -41,6 +43,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per step.")
 _WINDOW = flags.DEFINE_integer("window", 256, "Sliding window of yoco/yocou.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 3, "T of yocou.")
+_UNROLL = flags.DEFINE_bool("unroll_loops", True, "yocou's T iterations unrolled in the "
+                            "compiled step (config.model.unroll_loops) or one while loop.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per arch.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per arch.")
@@ -54,46 +58,71 @@ def bench_config(arch: str):
                       num_heads=_D_MODEL.value // 64, num_kv_heads=_D_MODEL.value // 128,
                       head_dim=64, d_ff=3 * _D_MODEL.value, window=_WINDOW.value,
                       num_iterations=_ITERATIONS.value, dtype=_DTYPE.value,
-                      attention_block_size=128)
+                      attention_block_size=128, unroll_loops=_UNROLL.value)
   config.data.seq_len = _SEQ_LEN.value
   config.train.batch_size = _BATCH.value
   return config
 
 
-def time_train_step(config) -> dict:
-  """Median step time of the trainer's jitted step on one device, on random tokens."""
-  model_cfg = ModelConfig.from_config(config.model)
-  model = Model(model_cfg)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  tx = optimizer_lib.make_optimizer(config.train)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
-  seq_len, batch = config.data.seq_len, config.train.batch_size
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, model_cfg.vocab_size, (batch, seq_len), dtype=np.int32)
-  batch_arrays = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
-                  "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES):
-    _, shardings = step_lib.state_shardings(model, tx, mesh, seq_len)
-    state = jax.jit(step_lib.init_state_fn(model, tx, seq_len),
-                    out_shardings=shardings)(jax.random.key(0))
-    train_step = step_lib.jit_train_step(model, tx, schedule, mesh, shardings)
-    batch_dev = jax.device_put(batch_arrays, sharding_lib.batch_sharding(mesh))
+class TrainStepTimer:
+  """The trainer's jitted step for one arch on one device, on random tokens, ready to time."""
+
+  def __init__(self, config):
+    self.cfg = ModelConfig.from_config(config.model)
+    model = Model(self.cfg)
+    self.mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tx = optimizer_lib.make_optimizer(config.train)
+    schedule = optimizer_lib.learning_rate_schedule(config.train)
+    self.seq_len, self.batch = config.data.seq_len, config.train.batch_size
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, self.cfg.vocab_size, (self.batch, self.seq_len), dtype=np.int32)
+    batch_arrays = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+                    "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32),
+                                                 tokens.shape)}
+    with self._context():
+      _, shardings = step_lib.state_shardings(model, tx, self.mesh, self.seq_len)
+      self.state = jax.jit(step_lib.init_state_fn(model, tx, self.seq_len),
+                           out_shardings=shardings)(jax.random.key(0))
+      self.train_step = step_lib.jit_train_step(model, tx, schedule, self.mesh, shardings)
+      self.batch_dev = jax.device_put(batch_arrays, sharding_lib.batch_sharding(self.mesh))
+    self.times: list[float] = []
+    self.metrics = None
     start = time.perf_counter()
     for _ in range(_WARMUP.value):
-      state, metrics = train_step(state, batch_dev)
-    jax.block_until_ready(metrics)
-    compile_and_warmup = time.perf_counter() - start
-    times = []
-    for _ in range(_STEPS.value):
+      self.step(record=False)
+    self.warmup_s = time.perf_counter() - start
+
+  def _context(self):
+    context = contextlib.ExitStack()
+    context.enter_context(jax.set_mesh(self.mesh))
+    context.enter_context(nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES))
+    return context
+
+  def step(self, record: bool = True) -> None:
+    with self._context():
       start = time.perf_counter()
-      state, metrics = train_step(state, batch_dev)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-  flops = accounting.train_flops_per_step(model_cfg, seq_len, batch)
-  step_time = statistics.median(times)
-  return {"arch": model_cfg.arch, "step_time_s": step_time, "train_flops_per_step": flops,
-          "tokens_per_sec": batch * seq_len / step_time, "flops_per_sec": flops / step_time,
-          "warmup_s": compile_and_warmup, "loss": float(metrics["loss"])}
+      self.state, self.metrics = self.train_step(self.state, self.batch_dev)
+      jax.block_until_ready(self.metrics)
+      if record:
+        self.times.append(time.perf_counter() - start)
+
+  def row(self) -> dict:
+    flops = accounting.train_flops_per_step(self.cfg, self.seq_len, self.batch)
+    step_time = statistics.median(self.times)
+    return {"arch": self.cfg.arch, "step_time_s": step_time, "step_times_s": self.times,
+            "train_flops_per_step": flops, "tokens_per_sec": self.batch * self.seq_len / step_time,
+            "flops_per_sec": flops / step_time, "warmup_s": self.warmup_s,
+            "loss": float(self.metrics["loss"])}
+
+
+def time_train_steps(configs) -> list[dict]:
+  """Median step time per arch; timed steps are interleaved across archs (a, b, c, a, b, c, ...)
+  so that a shared machine's load drifting during the run slows every arch alike."""
+  timers = [TrainStepTimer(config) for config in configs]
+  for _ in range(_STEPS.value):
+    for timer in timers:
+      timer.step()
+  return [timer.row() for timer in timers]
 
 
 def pipeline_tokens_per_sec(config) -> float:
@@ -118,7 +147,7 @@ def main(argv):
   table_peak = metrics_lib.table_peak_flops(device)
   peak = table_peak or measured_peak
   peak_source = "table (dense bf16)" if table_peak else "measured f32 matmul"
-  rows = [time_train_step(bench_config(arch)) for arch in _ARCHS.value]
+  rows = time_train_steps([bench_config(arch) for arch in _ARCHS.value])
   for row in rows:
     row["mfu"] = row["flops_per_sec"] / peak
   by_arch = {r["arch"]: r for r in rows}
@@ -127,7 +156,7 @@ def main(argv):
             "shape": {"d_model": _D_MODEL.value, "num_layers": _LAYERS.value,
                       "seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value,
                       "window": _WINDOW.value, "num_iterations": _ITERATIONS.value,
-                      "dtype": _DTYPE.value}}
+                      "unroll_loops": _UNROLL.value, "dtype": _DTYPE.value}}
   if "yoco" in by_arch and "yocou" in by_arch:
     time_ratio = by_arch["yocou"]["step_time_s"] / by_arch["yoco"]["step_time_s"]
     flops_ratio = (by_arch["yocou"]["train_flops_per_step"]
