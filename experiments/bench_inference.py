@@ -19,6 +19,11 @@ so at the largest context each arch also decodes the largest batch (up to
 whole batch. Those caches are filled with random K/V instead of prefilled (decode time does not
 depend on the values, only on the positions, which are set to the context length).
 
+Past the largest prefilled context, ``--long_decode_contexts`` (64K, 128K, 256K) times batch-1
+decode alone from such random caches, and a least-squares fit ``step = fixed + per_token x
+context`` per arch separates the context-independent work from the cache reads: the decode
+ratio of two archs tends to the ratio of their slopes as the context grows.
+
 The defaults take about 30 minutes on two shared CPU cores, almost all of it the quadratic 32K
 prefills of transformer (~10 min) and rins (~13 min); ``--archs`` and ``--contexts`` shorten it.
 """
@@ -52,6 +57,10 @@ _BUDGET = flags.DEFINE_integer(
     "decodes the largest batch whose K/V cache fits in this many MiB (0: skip).")
 _BUDGET_MAX_BATCH = flags.DEFINE_integer("budget_max_batch", 64,
                                          "Cap on the equal-memory decode batch.")
+_LONG = flags.DEFINE_list(
+    "long_decode_contexts", ["65536", "131072", "262144"], "Batch-1 decode only (no prefill: "
+    "caches filled with random K/V) at these longer contexts, to show how the decode ratio "
+    "grows with the context; empty to skip.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "runs/bench_inference.png", "Throughput plot (PNG).")
 
@@ -128,7 +137,8 @@ def decode_steps(engine, params, logits, state, steps: int):
   return step_s, logits, state
 
 
-def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
+                   dict[str, list[dict[str, Any]]]]:
   """Per context: every arch's prefill, then decode rounds interleaved across the archs.
 
   Interleaving puts every arch's decode steps under the same background load (this is a shared
@@ -177,17 +187,86 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
   budget_rows = []
   if _BUDGET.value > 0:
     budget_rows = budget_decode(models, max(contexts), max_len, _DECODE_STEPS.value)
-  return results, budget_rows
+  long_rows = {}
+  if _LONG.value:
+    long_rows = long_decode(models, [int(c) for c in _LONG.value], _DECODE_STEPS.value)
+  return results, budget_rows, long_rows
+
+
+def random_state(engine, cfg, batch: int, context: int, max_len: int):
+  """A decode state of ``batch`` sequences at position ``context``, caches random.
+
+  Decode time depends on the positions (how far the cache attention reads), not on the values.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+  empty = engine.init_state(batch, max_len)
+  keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(empty.cache))))
+  cache = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), empty.cache)
+  del empty
+  return engine_lib.DecodeState(cache=cache, lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
+  """Batch-1 decode tokens/s at long contexts, from random caches, rounds interleaved."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+
+  rounds = _ROUNDS.value
+  per_round = -(-steps // rounds)
+  max_len = max(contexts) + 2 + rounds * per_round + 1
+  out: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
+  for context in contexts:
+    live, step_s = {}, {arch: [] for arch in models}
+    for arch, (cfg, engine, params) in models.items():
+      state = random_state(engine, cfg, 1, context, max_len)
+      logits = np.zeros((1, cfg.vocab_size), np.float32)
+      _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len once.
+    for _ in range(rounds):
+      for arch, (cfg, engine, params) in models.items():
+        times, *live[arch] = decode_steps(engine, params, *live[arch], per_round)
+        step_s[arch] += times
+    for arch, (cfg, _, _) in models.items():
+      row = {"context": context, "decode_step_s": step_s[arch],
+             "decode_tokens_per_s": 1.0 / float(np.median(step_s[arch])),
+             "cache_bytes": accounting.kv_cache_bytes(cfg, context)}
+      out[arch].append(row)
+      print(f"{arch:12s} {context:6d}: decode {row['decode_tokens_per_s']:7.1f} tokens/s "
+            "(random cache)", flush=True)
+    del live
+  return out
+
+
+def decode_fit(rows_by_arch) -> dict[str, dict[str, float]]:
+  """Least-squares ``step_s = fixed_s + per_token_s * context`` per arch (batch 1).
+
+  ``fixed_s`` is the per-token work that does not grow with the context (weights, window rings,
+  per-op overhead); ``per_token_s * context`` the full-length cache reads. The decode ratio of
+  two archs tends to the ratio of their slopes as the context grows, and stays below it when
+  the faster-growing arch also has the smaller fixed cost.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  fits = {}
+  for arch, rows in rows_by_arch.items():
+    if len(rows) < 2:
+      continue
+    n = np.array([r["context"] for r in rows], np.float64)
+    t = np.array([1.0 / r["decode_tokens_per_s"] for r in rows], np.float64)
+    slope, fixed = np.polyfit(n, t, 1)
+    fits[arch] = {"fixed_s": float(fixed), "per_token_s": float(slope)}
+  return fits
 
 
 def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[str, Any]]:
   """Decode tokens/s of each arch at the largest batch whose cache fits the memory budget."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
-  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
   budget = _BUDGET.value * 2**20
   rows = []
@@ -201,10 +280,7 @@ def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[s
       print(f"{arch:12s} budget: one sequence's cache ({per_sequence / 2**20:.0f} MiB) exceeds "
             f"--cache_budget_mib={_BUDGET.value}", flush=True)
       continue
-    empty = engine.init_state(batch, max_len)
-    keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(empty.cache))))
-    cache = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), empty.cache)
-    state = engine_lib.DecodeState(cache=cache, lengths=jnp.full((batch,), context, jnp.int32))
+    state = random_state(engine, cfg, int(batch), context, max_len)
     row["cache_bytes"] = live_cache_bytes(cfg, state, max_len)
     logits = np.zeros((batch, cfg.vocab_size), np.float32)
     _, logits, state = decode_steps(engine, params, logits, state, 2)  # Compiles this batch.
@@ -213,7 +289,7 @@ def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[s
     row["decode_tokens_per_s"] = batch / float(np.median(times))
     print(f"{arch:12s} budget: batch {batch:3d}, {row['cache_bytes'] / 2**20:8.1f} MiB, decode "
           f"{row['decode_tokens_per_s']:8.1f} tokens/s", flush=True)
-    del state, cache
+    del state
   return rows
 
 
@@ -226,6 +302,21 @@ def budget_table(rows) -> str:
                    f"{r['cache_bytes'] / 2**20:10.1f} "
                    f"{1e3 * r['batch'] / r['decode_tokens_per_s']:9.1f} "
                    f"{r['decode_tokens_per_s']:13.1f}")
+  return "\n".join(lines)
+
+
+def long_table(long_rows) -> str:
+  lines = [f"{'arch':12s} {'context':>8s} {'step ms':>9s} {'decode tok/s':>13s} "
+           f"{'cache MiB':>10s}"]
+  for arch, rows in long_rows.items():
+    for r in rows:
+      lines.append(f"{arch:12s} {r['context']:8d} {1e3 / r['decode_tokens_per_s']:9.1f} "
+                   f"{r['decode_tokens_per_s']:13.1f} {r['cache_bytes'] / 2**20:10.1f}")
+  by_ctx = {arch: {r["context"]: r for r in rows} for arch, rows in long_rows.items()}
+  if {"transformer", "yocou"} <= set(by_ctx):
+    for context, y in by_ctx["yocou"].items():
+      ratio = y["decode_tokens_per_s"] / by_ctx["transformer"][context]["decode_tokens_per_s"]
+      lines.append(f"yocou / transformer decode tokens/s at {context}: {ratio:.2f}")
   return "\n".join(lines)
 
 
@@ -286,8 +377,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
-  results, budget_rows = run()
+  results, budget_rows, long_rows = run()
   print("\n" + table(results))
+  fits = {}
+  if long_rows:
+    print("\nbatch-1 decode at longer contexts (random caches; no target):\n"
+          + long_table(long_rows))
+    fits = decode_fit({arch: results[arch] + long_rows[arch] for arch in results})
+    print("\ndecode step = fixed + per_token x context (least squares over every context):")
+    for arch, f in fits.items():
+      print(f"{arch:12s} fixed {1e3 * f['fixed_s']:7.2f} ms, per 1K context tokens "
+            f"{1e6 * f['per_token_s']:6.3f} ms")
+    if {"transformer", "yocou"} <= set(fits):
+      t, y = fits["transformer"], fits["yocou"]
+      print("yocou / transformer decode tokens/s tends to "
+            f"{t['per_token_s'] / y['per_token_s']:.2f} as the context grows (ratio of slopes); "
+            f"fixed costs {1e3 * y['fixed_s']:.1f} vs {1e3 * t['fixed_s']:.1f} ms keep it below")
   if budget_rows:
     print(f"\nequal-memory decode (cache budget {_BUDGET.value} MiB, batch <= "
           f"{_BUDGET_MAX_BATCH.value}; no target):\n" + budget_table(budget_rows))
@@ -306,6 +411,7 @@ def main(argv):
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump({"results": results, "equal_memory_decode": budget_rows,
+                 "long_context_decode": long_rows, "decode_fit": fits,
                  "targets": [dict(name=n, value=v, threshold=t, met=m) for n, v, t, m in checks]},
                 f, indent=2)
 
