@@ -211,14 +211,17 @@ def random_state(engine, cfg, batch: int, context: int, max_len: int):
 
 
 def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
-  """Batch-1 decode tokens/s at long contexts, from random caches, rounds interleaved."""
+  """Batch-1 decode tokens/s at long contexts, from random caches.
+
+  Steps are interleaved one at a time across the archs (a, b, c, a, b, c, ...): a step takes up
+  to a second here, and a shared machine that slows down for a while then slows every arch's
+  steps alike instead of one arch's whole round.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
 
-  rounds = _ROUNDS.value
-  per_round = -(-steps // rounds)
-  max_len = max(contexts) + 2 + rounds * per_round + 1
+  max_len = max(contexts) + 2 + steps + 1
   out: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
     live, step_s = {}, {arch: [] for arch in models}
@@ -226,9 +229,9 @@ def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[
       state = random_state(engine, cfg, 1, context, max_len)
       logits = np.zeros((1, cfg.vocab_size), np.float32)
       _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len once.
-    for _ in range(rounds):
+    for _ in range(steps):
       for arch, (cfg, engine, params) in models.items():
-        times, *live[arch] = decode_steps(engine, params, *live[arch], per_round)
+        times, *live[arch] = decode_steps(engine, params, *live[arch], 1)
         step_s[arch] += times
     for arch, (cfg, _, _) in models.items():
       row = {"context": context, "decode_step_s": step_s[arch],
@@ -239,6 +242,15 @@ def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[
             "(random cache)", flush=True)
     del live
   return out
+
+
+def full_cache_reads(cfg) -> int:
+  """Attentions over a context-length cache per decoded token (window rings not counted)."""
+  if cfg.is_decoder_decoder:
+    return cfg.num_cross_layers
+  if cfg.arch == "rins":
+    return cfg.num_layers + (cfg.num_iterations - 1) * cfg.num_recursive_layers
+  return cfg.num_layers * cfg.iterations
 
 
 def decode_fit(rows_by_arch) -> dict[str, dict[str, float]]:
@@ -390,9 +402,13 @@ def main(argv):
             f"{1e6 * f['per_token_s']:6.3f} ms")
     if {"transformer", "yocou"} <= set(fits):
       t, y = fits["transformer"], fits["yocou"]
-      print("yocou / transformer decode tokens/s tends to "
-            f"{t['per_token_s'] / y['per_token_s']:.2f} as the context grows (ratio of slopes); "
-            f"fixed costs {1e3 * y['fixed_s']:.1f} vs {1e3 * t['fixed_s']:.1f} ms keep it below")
+      reads = {arch: full_cache_reads(model_config(arch)) for arch in ("transformer", "yocou")}
+      print(f"full-length cache attentions per decoded token: transformer {reads['transformer']},"
+            f" yocou {reads['yocou']} (its cross layers, all over the one global cache), so "
+            f"yocou / transformer decode tokens/s tends to {reads['transformer'] / reads['yocou']:.0f}"
+            f" as the context grows (fitted slopes: {t['per_token_s'] / y['per_token_s']:.2f}), "
+            f"from below while transformer's fixed cost ({1e3 * t['fixed_s']:.1f} ms) is less than "
+            f"{reads['transformer'] / reads['yocou']:.0f}x yocou's ({1e3 * y['fixed_s']:.1f} ms)")
   if budget_rows:
     print(f"\nequal-memory decode (cache budget {_BUDGET.value} MiB, batch <= "
           f"{_BUDGET_MAX_BATCH.value}; no target):\n" + budget_table(budget_rows))

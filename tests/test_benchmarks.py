@@ -1,0 +1,98 @@
+"""The benchmark binaries at tiny shapes: they run, and their derived figures are consistent.
+
+Speed targets are not asserted here (they belong to the full-size runs); what is asserted is that
+every figure a benchmark prints is computed from what it measured and from the accounting
+module's closed forms, so a full-size run can be trusted.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import cpu_env
+from yocou_jax import accounting
+from yocou_jax.config import ModelConfig
+
+
+def test_bench_train_figures_follow_from_step_times(tmp_path):
+  path = tmp_path / "train.json"
+  run = cpu_env.run_module(
+      "experiments.bench_train", "--archs=yoco,yocou", "--d_model=128", "--num_layers=2",
+      "--seq_len=128", "--batch_size=2", "--window=32", "--steps=3", "--warmup=1",
+      "--pipeline_batches=3", f"--json_out={path}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(path.read_text())
+  peak = result["peak_flops"]
+  assert result["peak_source"] == "measured f32 matmul" and peak == result[
+      "measured_matmul_peak_flops"] > 1e8
+  for row in result["rows"]:
+    cfg = ModelConfig(arch=row["arch"], num_layers=2, d_model=128, num_heads=2, num_kv_heads=1,
+                      head_dim=64, d_ff=384, vocab_size=384, window=32, num_iterations=3)
+    assert row["train_flops_per_step"] == pytest.approx(
+        accounting.train_flops_per_step(cfg, 128, 2))
+    assert len(row["step_times_s"]) == 3
+    assert row["step_time_s"] == pytest.approx(float(np.median(row["step_times_s"])))
+    assert row["mfu"] == pytest.approx(row["train_flops_per_step"] / row["step_time_s"] / peak)
+    assert row["tokens_per_sec"] == pytest.approx(2 * 128 / row["step_time_s"])
+    assert abs(row["loss"] - math.log(384)) < 0.5  # Random tokens, a few warm-up steps.
+  yoco, yocou = result["rows"]
+  gap = result["yocou_over_yoco"]
+  assert gap["time_ratio"] == pytest.approx(yocou["step_time_s"] / yoco["step_time_s"])
+  assert gap["flops_ratio"] == pytest.approx(
+      yocou["train_flops_per_step"] / yoco["train_flops_per_step"])
+  assert 1.5 < gap["flops_ratio"] < 3  # Two more self-decoder passes, not three more models.
+  assert "yocou/yoco: time x" in run.stdout and "MFU" in run.stdout
+
+
+def test_bench_inference_figures_follow_from_measurements(tmp_path):
+  path = tmp_path / "inference.json"
+  run = cpu_env.run_module(
+      "experiments.bench_inference", "--archs=transformer,yocou", "--contexts=256,1024",
+      "--long_decode_contexts=2048,4096", "--decode_steps=4", "--decode_rounds=2",
+      "--cache_budget_mib=4", "--d_model=64", "--num_layers=2", "--num_heads=2",
+      "--num_kv_heads=1", "--window=64", "--chunk_size=128", "--kv_block=128",
+      "--decode_kv_block=256", f"--plot_out={tmp_path / 'plot.png'}", f"--json_out={path}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(path.read_text())
+  assert (tmp_path / "plot.png").stat().st_size > 0
+  assert "full-length cache attentions per decoded token: transformer 2, yocou 1" in run.stdout
+  # Closed forms: K and V, 1 kv head of 32 floats, per token per cache. The transformer keeps
+  # one cache per layer (2); yocou one global cache plus T=3 x 1 self layer rings of W=64.
+  per_token = 2 * 1 * 32 * 4
+  for section in ("results", "long_context_decode"):
+    for arch, layers, ring in (("transformer", 2, 0), ("yocou", 1, 3 * 64)):
+      for row in result[section][arch]:
+        n = row["context"]
+        assert row["cache_bytes"] == per_token * (layers * n + ring)  # Every n >= W here.
+        assert row["decode_tokens_per_s"] == pytest.approx(
+            1 / float(np.median(row["decode_step_s"])))
+  rows = {arch: {r["context"]: r for r in rs} for arch, rs in result["results"].items()}
+  targets = {t["name"]: t for t in result["targets"]}
+  prefill = targets["transformer / yocou prefill time at 1024"]
+  assert prefill["value"] == pytest.approx(rows["transformer"][1024]["prefill_s"]
+                                           / rows["yocou"][1024]["prefill_s"])
+  assert prefill["met"] == (prefill["value"] >= 5)
+  decode = targets["yocou / transformer decode tokens/s at 1024"]
+  assert decode["value"] == pytest.approx(rows["yocou"][1024]["decode_tokens_per_s"]
+                                          / rows["transformer"][1024]["decode_tokens_per_s"])
+  assert targets["transformer / yocou cache bytes at 1024"]["value"] == pytest.approx(
+      2 * 1024 / (1024 + 3 * 64))
+  # The fit reproduces every context's step time to within the noise of a shared machine.
+  for arch, fit in result["decode_fit"].items():
+    every = result["results"][arch] + result["long_context_decode"][arch]
+    ctx = np.array([r["context"] for r in every], float)
+    step = np.array([1 / r["decode_tokens_per_s"] for r in every])
+    slope, fixed = np.polyfit(ctx, step, 1)
+    assert fit["per_token_s"] == pytest.approx(slope) and fit["fixed_s"] == pytest.approx(fixed)
+  # 4 MiB: the transformer's cache per sequence at max_len 1029 (1024 + 2 rounds x 2 steps + 1)
+  # is 256 B x 2 x 1029, so 7 fit; yocou's, 256 B x (1029 + 3 x 64), so 13 fit.
+  budget = {r["arch"]: r for r in result["equal_memory_decode"]}
+  assert budget["transformer"]["cache_bytes_per_sequence"] == 256 * 2 * 1029
+  assert budget["yocou"]["cache_bytes_per_sequence"] == 256 * (1029 + 3 * 64)
+  assert (budget["transformer"]["batch"], budget["yocou"]["batch"]) == (7, 13)
+  for arch in ("transformer", "yocou"):
+    r = budget[arch]
+    assert r["batch"] == 4 * 2**20 // r["cache_bytes_per_sequence"]
+    assert r["cache_bytes"] == r["batch"] * r["cache_bytes_per_sequence"] <= 4 * 2**20
