@@ -137,6 +137,20 @@ def decode_steps(engine, params, logits, state, steps: int):
   return step_s, logits, state
 
 
+def interleaved_decode(models, live, rounds: int, per_round: int) -> dict[str, list[float]]:
+  """Decode step times per arch, ``per_round`` steps of each arch in turn, ``rounds`` times.
+
+  ``live[arch]`` is that arch's (logits, state) and is advanced in place. Interleaving puts
+  every arch's steps under the same background load of a shared machine.
+  """
+  step_s: dict[str, list[float]] = {arch: [] for arch in models}
+  for _ in range(rounds):
+    for arch, (_, engine, params) in models.items():
+      times, *live[arch] = decode_steps(engine, params, *live[arch], per_round)
+      step_s[arch] += times
+  return step_s
+
+
 def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
                    dict[str, list[dict[str, Any]]]]:
   """Per context: every arch's prefill, then decode rounds interleaved across the archs.
@@ -163,7 +177,7 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
     models[arch] = (cfg, engine, params)
   results: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
-    live, step_s = {}, {arch: [] for arch in models}
+    live = {}
     for arch, (cfg, engine, params) in models.items():
       seconds, logits, state = prefill(engine, params, context, max_len)
       live[arch] = (logits, state)
@@ -173,10 +187,7 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
                             "cache_bytes_live": live_cache_bytes(cfg, state, max_len),
                             "max_len": max_len})
       print(f"{arch:12s} {context:6d}: prefill {seconds:8.2f} s", flush=True)
-    for _ in range(rounds):
-      for arch, (cfg, engine, params) in models.items():
-        times, *live[arch] = decode_steps(engine, params, *live[arch], steps)
-        step_s[arch] += times
+    step_s = interleaved_decode(models, live, rounds, steps)
     for arch in models:
       row = results[arch][-1]
       row["decode_step_s"] = step_s[arch]
@@ -193,46 +204,49 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
   return results, budget_rows, long_rows
 
 
-def random_state(engine, cfg, batch: int, context: int, max_len: int):
+def random_state(cfg, batch: int, context: int, max_len: int):
   """A decode state of ``batch`` sequences at position ``context``, caches random.
 
   Decode time depends on the positions (how far the cache attention reads), not on the values.
+  The cache is drawn at its shapes directly (no zero-filled buffer first).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
-  empty = engine.init_state(batch, max_len)
-  keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(empty.cache))))
-  cache = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), empty.cache)
-  del empty
-  return engine_lib.DecodeState(cache=cache, lengths=jnp.full((batch,), context, jnp.int32))
+  shapes = jax.eval_shape(lambda: engine_lib.init_state(cfg, batch, max_len))
+  leaves, treedef = jax.tree.flatten(shapes.cache)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  cache = treedef.unflatten([jax.random.normal(key, a.shape, a.dtype)
+                             for key, a in zip(keys, leaves)])
+  return shapes.replace(cache=cache, lengths=jnp.full((batch,), context, jnp.int32))
 
 
 def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
   """Batch-1 decode tokens/s at long contexts, from random caches.
 
-  Steps are interleaved one at a time across the archs (a, b, c, a, b, c, ...): a step takes up
-  to a second here, and a shared machine that slows down for a while then slows every arch's
-  steps alike instead of one arch's whole round.
+  Each arch gets one random cache of the longest context (one compile) and every context only
+  moves its position. Steps are interleaved one at a time across the archs (a, b, c, a, b, c,
+  ...): a step takes up to a second here, and a shared machine that slows down for a while then
+  slows every arch's steps alike instead of one arch's whole round.
   """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
 
   max_len = max(contexts) + 2 + steps + 1
+  live = {}
+  for arch, (cfg, engine, params) in models.items():
+    state = random_state(cfg, 1, max(contexts), max_len)
+    logits = np.zeros((1, cfg.vocab_size), np.float32)
+    _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len.
   out: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
-    live, step_s = {}, {arch: [] for arch in models}
-    for arch, (cfg, engine, params) in models.items():
-      state = random_state(engine, cfg, 1, context, max_len)
-      logits = np.zeros((1, cfg.vocab_size), np.float32)
-      _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len once.
-    for _ in range(steps):
-      for arch, (cfg, engine, params) in models.items():
-        times, *live[arch] = decode_steps(engine, params, *live[arch], 1)
-        step_s[arch] += times
+    for arch, (logits, state) in live.items():
+      live[arch] = (logits, state.replace(lengths=jnp.full((1,), context, jnp.int32)))
+    step_s = interleaved_decode(models, live, steps, 1)
     for arch, (cfg, _, _) in models.items():
       row = {"context": context, "decode_step_s": step_s[arch],
              "decode_tokens_per_s": 1.0 / float(np.median(step_s[arch])),
@@ -240,7 +254,6 @@ def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[
       out[arch].append(row)
       print(f"{arch:12s} {context:6d}: decode {row['decode_tokens_per_s']:7.1f} tokens/s "
             "(random cache)", flush=True)
-    del live
   return out
 
 
@@ -292,7 +305,7 @@ def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[s
       print(f"{arch:12s} budget: one sequence's cache ({per_sequence / 2**20:.0f} MiB) exceeds "
             f"--cache_budget_mib={_BUDGET.value}", flush=True)
       continue
-    state = random_state(engine, cfg, int(batch), context, max_len)
+    state = random_state(cfg, int(batch), context, max_len)
     row["cache_bytes"] = live_cache_bytes(cfg, state, max_len)
     logits = np.zeros((batch, cfg.vocab_size), np.float32)
     _, logits, state = decode_steps(engine, params, logits, state, 2)  # Compiles this batch.
