@@ -17,13 +17,11 @@ Targets: MFU >= 50% of the measured peak per arch (float32); yocou/yoco step-tim
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -79,7 +77,7 @@ class TrainStepTimer:
     batch_arrays = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
                     "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32),
                                                  tokens.shape)}
-    with self._context():
+    with sharding_lib.activate(self.mesh):
       _, shardings = step_lib.state_shardings(model, tx, self.mesh, self.seq_len)
       self.state = jax.jit(step_lib.init_state_fn(model, tx, self.seq_len),
                            out_shardings=shardings)(jax.random.key(0))
@@ -92,14 +90,8 @@ class TrainStepTimer:
       self.step(record=False)
     self.warmup_s = time.perf_counter() - start
 
-  def _context(self):
-    context = contextlib.ExitStack()
-    context.enter_context(jax.set_mesh(self.mesh))
-    context.enter_context(nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES))
-    return context
-
   def step(self, record: bool = True) -> None:
-    with self._context():
+    with sharding_lib.activate(self.mesh):
       start = time.perf_counter()
       self.state, self.metrics = self.train_step(self.state, self.batch_dev)
       jax.block_until_ready(self.metrics)

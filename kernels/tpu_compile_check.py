@@ -91,7 +91,6 @@ def main() -> int:
 
 def _compile_sharded(topology, n: int):
   """The trainer's setting: jax.set_mesh + logical rules, inputs sharded batch/heads."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from yocou_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   devices = topologies.make_mesh(topology, (2, 1, 2), ("data", "fsdp", "tensor")).devices
@@ -101,7 +100,7 @@ def _compile_sharded(topology, n: int):
             ((4, n, 8, 128), heads), ((4, n), NamedSharding(mesh, P(("data", "fsdp"), None)))]
   args = [jax.ShapeDtypeStruct(s, jnp.int32 if len(s) == 2 else jnp.bfloat16, sharding=sh)
           for s, sh in shapes]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES):
+  with sharding_lib.activate(mesh):
     lowered = jax.jit(_training_fn(512, True, None, None)).lower(*args)
   if "shard_map" not in lowered.as_text() and "manual" not in lowered.as_text():
     raise AssertionError("the kernels did not run inside shard_map")

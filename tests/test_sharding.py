@@ -133,7 +133,7 @@ def test_sharded_forward_equals_single_device_forward(tiny_config, mesh, arch, o
   variables = sharded_init(cfg, mesh)
   tokens, seg, pos = packed_batch()
   apply = lambda v, *batch: model.apply(v, *batch)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+  with sharding.activate(mesh):
     batch = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, seg, pos)]
     logits = jit(apply)(variables, *batch)
   assert logits.shape == (BATCH, LENGTH, cfg.vocab_size)

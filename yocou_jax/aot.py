@@ -35,7 +35,6 @@ import time
 from typing import Any, Callable, Mapping, Optional
 from unittest import mock
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import mesh_utils
@@ -305,7 +304,7 @@ def compile_train(config: Any, topology: str, mesh: Mesh) -> Report:
   batch = {k: batch_spec for k in ("tokens", "segment_ids", "positions")}
 
   def lower_and_compile():
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), target_kernels("tpu"):
+    with sharding_lib.activate(mesh, rules), target_kernels("tpu"):
       step = step_lib.jit_train_step(model, tx, schedule, mesh, shardings,
                                      microbatches=t.microbatches, z_loss=t.z_loss)
       return step.lower(state, batch).compile()
@@ -367,7 +366,7 @@ def compile_inference(config: Any, topology: str, mesh: Mesh, mode: str, batch: 
     donate = (1, 2)
 
   def lower_and_compile():
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding_lib.activate(mesh, rules):
       return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
 
   compiled, seconds, error = _compile(lower_and_compile)

@@ -13,6 +13,7 @@ divide is an error at start-up (see :func:`check_divisible`), not a silent repli
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -77,6 +78,13 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   if devices == list(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """The context every jitted model call traces under: ``jax.set_mesh`` and the logical rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def logical_sharding(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:

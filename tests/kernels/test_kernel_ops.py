@@ -3,7 +3,6 @@ and a model-level check that training with ``attention_impl="pallas"`` matches `
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +45,7 @@ def test_kernels_run_per_shard_under_the_trainer_mesh():
       interpret=True))
   expected = run_fast(fn, q, k, v, do)
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES):
+  with sharding_lib.activate(mesh):
     jaxpr = str(jax.make_jaxpr(fn)(q, k, v, do))
     got = run_fast(fn, q, k, v, do)
   assert "shard_map" in jaxpr and "pallas_call" in jaxpr

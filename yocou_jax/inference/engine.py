@@ -28,7 +28,6 @@ import functools
 import time
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -295,11 +294,9 @@ class Engine:
 
   def scope(self) -> contextlib.AbstractContextManager:
     """The mesh and logical-axis rules every jitted call runs under (nothing without a mesh)."""
-    stack = contextlib.ExitStack()
-    if self.mesh is not None:
-      stack.enter_context(jax.set_mesh(self.mesh))
-      stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding_lib.activate(self.mesh, self.rules)
 
   def state_shardings(self, batch: int, max_len: int) -> Optional[DecodeState]:
     if self.mesh is None:

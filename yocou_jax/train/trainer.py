@@ -14,7 +14,6 @@ import signal
 import time
 from typing import Any, Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -167,7 +166,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
 
   history: list[dict] = []
   preempted = False
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with sharding_lib.activate(mesh, rules):
     latest = checkpointer.latest_step()
     if latest is not None:
       target = checkpoint_lib.abstract_with_shardings(abstract_state, shardings)
