@@ -167,10 +167,9 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   history: list[dict] = []
   preempted = False
   with sharding_lib.activate(mesh, rules):
-    latest = checkpointer.latest_step()
+    target = checkpoint_lib.abstract_with_shardings(abstract_state, shardings)
+    latest, state = checkpointer.restore_latest(target, data_iterator=saveable_iter)
     if latest is not None:
-      target = checkpoint_lib.abstract_with_shardings(abstract_state, shardings)
-      state = checkpointer.restore(latest, target, data_iterator=saveable_iter)
       logging.info("resumed from step %d in %s", latest, checkpointer.directory)
     else:
       init = jax.jit(step_lib.init_state_fn(model, tx, seq_len), out_shardings=shardings)
