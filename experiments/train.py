@@ -57,7 +57,8 @@ def main(argv):
 
   from experiments import reporting  # pylint: disable=g-import-not-at-top
   from yocou_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from yocou_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from yocou_jax.train import safety, trainer  # pylint: disable=g-import-not-at-top
+  from yocou_jax.train.checkpoint import CheckpointSaveError  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
@@ -66,8 +67,8 @@ def main(argv):
                jax.device_count(), jax.devices()[0].device_kind)
   try:
     result = trainer.train(config, workdir)
-  except ConfigError as e:  # A bad value: one line naming it, no traceback.
-    raise SystemExit(f"error: {e}") from None
+  except (ConfigError, safety.NonFiniteError, CheckpointSaveError) as e:
+    raise SystemExit(f"error: {e}") from None  # One line naming the cause, no traceback.
   if jax.process_index() != 0:
     return
   reporting.summarize_run(config, workdir, result, sample_prompt=_SAMPLE_PROMPT.value,

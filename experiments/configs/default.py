@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
   t.microbatches = 1  # Gradient accumulation: microbatches per optimizer step.
   t.z_loss = 0.0  # Weight of the z-loss (mean log(Z)^2) regulariser.
+  t.nonfinite = "skip"  # Non-finite loss/gradients: skip the update, or stop the run at once.
+  t.max_skipped_steps = 10  # nonfinite="skip": stop once this many updates in a row were skipped.
 
   # --- evaluation ------------------------------------------------------------------------------
   e = config.eval = ml_collections.ConfigDict()

@@ -105,7 +105,7 @@ class Checkpointer:
     """Restores the state onto ``abstract_state``'s shardings (and the iterator in place)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     # Imported checkpoints (e.g. from Hugging Face) have no data state: the iterator starts fresh.
-    if data_iterator is not None and not os.path.isdir(os.path.join(self.step_dir(step), "data")):
+    if data_iterator is not None and not self.has_data_state(step):
       data_iterator = None
     if data_iterator is not None:
       items["data"] = ocp.args.JsonRestore()
@@ -156,6 +156,10 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("yocou_jax:checkpoint_quarantine")
     self.manager.reload()
+
+  def has_data_state(self, step: int) -> bool:
+    """Whether ``step`` holds a data-iterator state (imported checkpoints do not)."""
+    return os.path.isdir(os.path.join(self.step_dir(step), "data"))
 
   def restore_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.loss import cross_entropy, next_token_targets
+from yocou_jax.train import optimizer as optimizer_lib
 
 Batch = dict[str, jax.Array]
 
@@ -105,6 +106,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       "param_norm": optax.tree.norm(params),
       "num_tokens": aux["num_tokens"],
       "learning_rate": schedule(state.step),
+      **optimizer_lib.skip_metrics(opt_state),  # Non-finite updates skipped (see optimizer).
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -26,6 +26,7 @@ from yocou_jax.model import Model
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import metrics as metrics_lib
 from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import safety
 from yocou_jax.train import step as step_lib
 
 
@@ -62,6 +63,12 @@ def validate_config(config: Any, num_devices: int, process_count: int) -> ModelC
   if t.batch_size % process_count:
     raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by the "
                       f"{process_count} processes")
+  if t.nonfinite not in safety.NONFINITE_MODES:
+    raise ConfigError(f"config.train.nonfinite={t.nonfinite!r} is invalid; allowed: "
+                      f"{', '.join(safety.NONFINITE_MODES)}")
+  if int(t.max_skipped_steps) <= 0:
+    raise ConfigError(f"config.train.max_skipped_steps={t.max_skipped_steps} must be a positive "
+                      "integer")
   if config.eval.batch_size % data_parallel:
     raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
                       f"data x fsdp = {data_parallel}")
@@ -112,6 +119,7 @@ def evaluate(eval_fn, params, eval_batches, sharding) -> dict[str, float]:
 
 
 Hook = Callable[[int, step_lib.TrainState], None]
+SKIP_COUNTS = ("skipped_total", "skipped_longest_run", "skipped_last_step")
 
 
 def train(config: Any, workdir: str, *, data: Optional[Any] = None,
@@ -132,6 +140,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   is_chief = process_index == 0
   devices = list(jax.devices() if devices is None else devices)
   model_cfg = validate_config(config, len(devices), process_count)
+  safety.check_workdir(workdir)
   t = config.train
   seq_len = config.data.seq_len
   mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -170,6 +179,9 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
     target = checkpoint_lib.abstract_with_shardings(abstract_state, shardings)
     latest, state = checkpointer.restore_latest(target, data_iterator=saveable_iter)
     if latest is not None:
+      safety.check_resume(checkpointer.restore_config(latest), config.to_dict(), step=latest,
+                          directory=checkpointer.directory,
+                          has_data_state=checkpointer.has_data_state(latest))
       logging.info("resumed from step %d in %s", latest, checkpointer.directory)
     else:
       init = jax.jit(step_lib.init_state_fn(model, tx, seq_len), out_shardings=shardings)
@@ -185,6 +197,17 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
       writer.write(0, record)
       history.append({"step": 0, **record})
     config_json = config.to_dict()
+    last_checkpoint = None if latest is None else f"step {latest} in {checkpointer.directory}"
+
+    def check_finite(step_metrics, done):  # At logging and checkpoint steps only: no extra sync.
+      counts = jax.device_get({k: step_metrics[k] for k in SKIP_COUNTS})
+      try:
+        safety.check_nonfinite(counts, mode=t.nonfinite, max_skipped_steps=t.max_skipped_steps,
+                               step=done, last_checkpoint=last_checkpoint)
+      except safety.NonFiniteError:
+        checkpointer.wait_until_finished()  # The last good checkpoint is committed first.
+        raise
+
     window_start, window_steps = time.perf_counter(), 0
     with _PreemptionFlag() as preemption:
       for step in range(start_step, t.steps):
@@ -206,6 +229,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
           writer.write(done, record)
           progress.update(done, record)
           history.append({"step": done, **record})
+          check_finite(step_metrics, done)
           window_start, window_steps = time.perf_counter(), 0
         if done == start_step + 1:  # Leave the compilation out of the throughput figures.
           jax.block_until_ready(state)
@@ -214,7 +238,9 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
           hook(done, state)
         stop = preemption.any_process()
         if stop or done == t.steps or done % config.checkpoint.every_steps == 0:
+          check_finite(step_metrics, done)  # A run that must stop saves nothing.
           checkpointer.save(done, state, data_iterator=saveable_iter, config=config_json)
+          last_checkpoint = f"step {done} in {checkpointer.directory}"
         if stop:
           logging.warning("SIGTERM received: saved step %d, exiting", done)
           preempted = True
