@@ -15,21 +15,6 @@ from yocou_jax.train import integrity
 from yocou_jax.train import trainer
 
 
-@pytest.fixture(scope="module")
-def run10(tmp_path_factory):
-  """A finished 10-step run with intact checkpoints at steps 5 and 10 (and its result)."""
-  workdir = tmp_path_factory.mktemp("run10")
-  result = trainer.train(tiny_config(steps=10), str(workdir), data=synthetic_data(),
-                         devices=jax.devices()[:1])
-  return str(workdir), result
-
-
-def copy_run(run10, tmp_path) -> str:
-  workdir = str(tmp_path / "copy")
-  shutil.copytree(run10[0], workdir)
-  return workdir
-
-
 def step_dir(workdir, step):
   return os.path.join(workdir, "checkpoints", str(step))
 
@@ -71,9 +56,9 @@ DAMAGE = [
 
 
 @pytest.mark.parametrize("name, damage, reason, structural", DAMAGE, ids=[d[0] for d in DAMAGE])
-def test_damage_is_found_with_its_reason(run10, tmp_path, name, damage, reason, structural):
+def test_damage_is_found_with_its_reason(run10_copy, name, damage, reason, structural):
   del name
-  workdir = copy_run(run10, tmp_path)
+  workdir = run10_copy
   assert integrity.read_step(step_dir(workdir, 10)) is None  # Intact before the damage.
   damage(step_dir(workdir, 10), workdir)
   found = integrity.read_step(step_dir(workdir, 10))
@@ -82,8 +67,8 @@ def test_damage_is_found_with_its_reason(run10, tmp_path, name, damage, reason, 
   assert integrity.read_step(step_dir(workdir, 5)) is None  # The older step is untouched.
 
 
-def test_non_finite_array_is_bad(run10, tmp_path):
-  workdir = copy_run(run10, tmp_path)
+def test_non_finite_array_is_bad(run10, run10_copy):
+  workdir = run10_copy
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=10, use_async=False)
   state = jax.device_get(run10[1].state)
   state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
@@ -93,8 +78,8 @@ def test_non_finite_array_is_bad(run10, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["commit_marker", "truncated_data"])
-def test_resume_skips_a_bad_newest_step_and_continues_exactly(run10, tmp_path, caplog, damage):
-  workdir = copy_run(run10, tmp_path)
+def test_resume_skips_a_bad_newest_step_and_continues_exactly(run10, run10_copy, caplog, damage):
+  workdir = run10_copy
   if damage == "commit_marker":
     os.remove(os.path.join(step_dir(workdir, 10), "commit_success.txt"))
   else:
@@ -114,8 +99,8 @@ def test_resume_skips_a_bad_newest_step_and_continues_exactly(run10, tmp_path, c
   assert integrity.read_step(step_dir(workdir, 10)) is None
 
 
-def test_retention_counts_intact_steps_only(run10, tmp_path):
-  workdir = copy_run(run10, tmp_path)
+def test_retention_counts_intact_steps_only(run10, run10_copy):
+  workdir = run10_copy
   os.remove(os.path.join(step_dir(workdir, 10), "commit_success.txt"))
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False)
   ckpt.wait_until_finished()  # Applies retention.
@@ -129,8 +114,8 @@ def test_retention_counts_intact_steps_only(run10, tmp_path):
   assert ckpt.all_steps() == [20] and ckpt.intact_steps() == [20]
 
 
-def test_check_checkpoints_binary_lists_each_step(run10, tmp_path):
-  workdir = copy_run(run10, tmp_path)
+def test_check_checkpoints_binary_lists_each_step(run10_copy, tmp_path):
+  workdir = run10_copy
   truncate(largest_data_file(workdir, 10))
   out = cpu_env.run_module("experiments.check_checkpoints", f"--workdir={workdir}",
                            f"--json_out={tmp_path / 'c.json'}", timeout=300)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -88,7 +88,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(
           f"saving step {step} to {self.directory} failed ({type(e).__name__}: "
-          f"{integrity.first_line(e)}); earlier checkpoints are intact: "
+          f"{integrity.first_line(e)}); intact checkpoint steps: "
           f"{self.intact_steps()}") from e
 
   def _prune(self) -> None:
@@ -114,18 +114,23 @@ class Checkpointer:
       data_iterator.set_state(restored["data"])
     return restored["state"]
 
-  def restore_latest(self, abstract_state: Any, *,
-                     data_iterator: Any = None) -> tuple[Optional[int], Any]:
+  def restore_latest(self, abstract_state: Any, *, data_iterator: Any = None,
+                     before_restore: Optional[Callable[[int], None]] = None,
+                     ) -> tuple[Optional[int], Any]:
     """(step, state) of the newest intact step, or (None, None) when there is none.
 
     Every newer step that is bad (or fails to read) is logged with its reason and moved into
     ``workdir/corrupt_checkpoints/`` so the resumed run can save those step numbers again.
+    ``before_restore(step)`` runs on the chosen step before its arrays are read (the resume
+    config check: its errors propagate).
     """
     bad = []
     chosen, state = None, None
     for step in reversed(self.all_steps()):
       reason = self.check(step)
       if reason is None:
+        if before_restore is not None:
+          before_restore(step)
         try:
           state = self.restore(step, abstract_state, data_iterator=data_iterator)
           chosen = step
@@ -176,7 +181,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(
           f"a background checkpoint save in {self.directory} failed ({type(e).__name__}: "
-          f"{integrity.first_line(e)}); intact steps: {self.intact_steps()}") from e
+          f"{integrity.first_line(e)}); intact checkpoint steps: {self.intact_steps()}") from e
     self._prune()
 
   def close(self) -> None:

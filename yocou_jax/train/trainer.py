@@ -177,11 +177,15 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   preempted = False
   with sharding_lib.activate(mesh, rules):
     target = checkpoint_lib.abstract_with_shardings(abstract_state, shardings)
-    latest, state = checkpointer.restore_latest(target, data_iterator=saveable_iter)
-    if latest is not None:
-      safety.check_resume(checkpointer.restore_config(latest), config.to_dict(), step=latest,
+
+    def check_resume(step):  # Before any array is read: a different model would not even fit.
+      safety.check_resume(checkpointer.restore_config(step), config.to_dict(), step=step,
                           directory=checkpointer.directory,
-                          has_data_state=checkpointer.has_data_state(latest))
+                          has_data_state=checkpointer.has_data_state(step))
+
+    latest, state = checkpointer.restore_latest(target, data_iterator=saveable_iter,
+                                                before_restore=check_resume)
+    if latest is not None:
       logging.info("resumed from step %d in %s", latest, checkpointer.directory)
     else:
       init = jax.jit(step_lib.init_state_fn(model, tx, seq_len), out_shardings=shardings)
