@@ -26,6 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from yocou_jax import aot
+from yocou_jax import validation
 from yocou_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -65,10 +66,11 @@ def main(argv: Sequence[str]) -> None:
   if _BATCH_SIZE.value:
     config.train.batch_size = _BATCH_SIZE.value
   try:
+    validation.validate(config, check_data=False)
     reports = run(config, _TOPOLOGY.value, _MESH.value, _MODE.value, _CONTEXT.value,
                   _INFERENCE_BATCH.value)
   except ConfigError as e:
-    sys.exit(f"error: {e}")
+    sys.exit(validation.error_lines(e))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump([dataclasses.asdict(r) for r in reports], f, indent=2)

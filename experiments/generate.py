@@ -13,6 +13,8 @@ cache bytes (live arrays, and ``accounting.kv_cache_bytes`` for the same length)
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (required).")
@@ -30,6 +32,31 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile first, so the reported speeds exclude it.")
 
 
+def _prompts_and_sampling(sampling_lib):
+  """The prompts and sampling settings from the flags; ValueError names a bad one."""
+  if not os.path.isdir(_WORKDIR.value):
+    raise ValueError(f"--workdir={_WORKDIR.value} is not a directory")
+  if _MAX_NEW.value <= 0:
+    raise ValueError(f"--max_new_tokens={_MAX_NEW.value} must be a positive integer")
+  if _ITERATIONS.value < 0:
+    raise ValueError(f"--num_iterations={_ITERATIONS.value} must be >= 0 (0: as trained)")
+  if _CHUNK.value is not None and _CHUNK.value <= 0:
+    raise ValueError(f"--chunk_size={_CHUNK.value} must be a positive integer")
+  prompts = list(_PROMPT.value)
+  if _PROMPT_FILE.value:
+    if not os.path.isfile(_PROMPT_FILE.value):
+      raise ValueError(f"--prompt_file={_PROMPT_FILE.value} does not exist")
+    with open(_PROMPT_FILE.value) as f:
+      prompts.append(f.read())
+  if not prompts:
+    raise ValueError("give --prompt (one or more) or --prompt_file")
+  try:
+    sampling = sampling_lib.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None
+  return prompts, sampling
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -39,14 +66,11 @@ def main(argv):
 
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  prompts = list(_PROMPT.value)
-  if _PROMPT_FILE.value:
-    with open(_PROMPT_FILE.value) as f:
-      prompts.append(f.read())
-  if not prompts:
-    raise app.UsageError("give --prompt (one or more) or --prompt_file")
-  run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
-  sampling = sampling_lib.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  try:
+    prompts, sampling = _prompts_and_sampling(sampling_lib)
+    run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
+  except (ValueError, OSError) as e:  # Bad flags, workdir or checkpoint: one line, no traceback.
+    raise SystemExit(f"error: {e}") from None
   continuations, result = text.generate(run, prompts, _MAX_NEW.value, sampling=sampling,
                                         seed=_SEED.value, chunk_size=_CHUNK.value,
                                         warmup=_WARMUP.value)

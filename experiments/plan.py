@@ -18,7 +18,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from yocou_jax import accounting
-from yocou_jax.config import ModelConfig
+from yocou_jax import validation
+from yocou_jax.config import ARCHS, ConfigError, ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/default.py", "Experiment config file.")
@@ -39,11 +40,27 @@ def build_plans(config: Any, archs: Sequence[str], contexts: Sequence[int]) -> d
   return plans
 
 
+def parse_contexts(values: Sequence[str]) -> list[int]:
+  contexts = []
+  for value in values:
+    if not value.strip().isdigit() or int(value) <= 0:
+      raise ConfigError(f"--contexts item {value!r} is invalid: must be a positive integer")
+    contexts.append(int(value))
+  return contexts
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  contexts = [int(c) for c in _CONTEXTS.value]
-  plans = build_plans(_CONFIG.value, _ARCHS.value, contexts)
+  try:
+    validation.validate(_CONFIG.value, check_data=False)
+    contexts = parse_contexts(_CONTEXTS.value)
+    for arch in _ARCHS.value:
+      if arch not in ARCHS:
+        raise ConfigError(f"--archs item {arch!r} is invalid: allowed: {', '.join(ARCHS)}")
+    plans = build_plans(_CONFIG.value, _ARCHS.value, contexts)
+  except ConfigError as e:
+    raise SystemExit(validation.error_lines(e)) from None
   print(accounting.format_table(plans))
   if _JSON_OUT.value:
     payload = plans if _ARCHS.value else next(iter(plans.values()))

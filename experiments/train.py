@@ -56,6 +56,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
 
   from experiments import reporting  # pylint: disable=g-import-not-at-top
+  from yocou_jax import validation  # pylint: disable=g-import-not-at-top
   from yocou_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from yocou_jax.train import safety, trainer  # pylint: disable=g-import-not-at-top
   from yocou_jax.train.checkpoint import CheckpointSaveError  # pylint: disable=g-import-not-at-top
@@ -68,7 +69,7 @@ def main(argv):
   try:
     result = trainer.train(config, workdir)
   except (ConfigError, safety.NonFiniteError, CheckpointSaveError) as e:
-    raise SystemExit(f"error: {e}") from None  # One line naming the cause, no traceback.
+    raise SystemExit(validation.error_lines(e)) from None  # One line per cause, no traceback.
   if jax.process_index() != 0:
     return
   reporting.summarize_run(config, workdir, result, sample_prompt=_SAMPLE_PROMPT.value,

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from yocou_jax import accounting
 from yocou_jax import sharding as sharding_lib
+from yocou_jax import validation
 from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.model import Model
 from yocou_jax.train import checkpoint as checkpoint_lib
@@ -37,42 +38,11 @@ class TrainResult:
   preempted: bool = False
 
 
-def validate_config(config: Any, num_devices: int, process_count: int) -> ModelConfig:
-  """Checks the whole config before anything is allocated; one-line errors name the field."""
-  model_cfg = ModelConfig.from_config(config.model)
-  t = config.train
-  mesh_shape = sharding_lib.resolve_mesh_shape(config.mesh, num_devices)
-  data_parallel = mesh_shape[0] * mesh_shape[1]
-  for field in ("batch_size", "steps", "microbatches"):
-    if int(t[field]) <= 0:
-      raise ConfigError(f"config.train.{field}={t[field]} must be a positive integer")
-  for section in ("checkpoint", "eval", "logging"):
-    if int(config[section].every_steps) <= 0:
-      raise ConfigError(f"config.{section}.every_steps={config[section].every_steps} must be a "
-                        "positive integer")
-  if config.data.seq_len <= 0:
-    raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be a positive integer")
-  if t.batch_size % t.microbatches:
-    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
-                      f"config.train.microbatches={t.microbatches}")
-  if (t.batch_size // t.microbatches) % data_parallel:
-    raise ConfigError(
-        f"config.train.batch_size={t.batch_size} (per microbatch "
-        f"{t.batch_size // t.microbatches}) is not divisible by the data-parallel mesh axes "
-        f"data x fsdp = {data_parallel}")
-  if t.batch_size % process_count:
-    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by the "
-                      f"{process_count} processes")
-  if t.nonfinite not in safety.NONFINITE_MODES:
-    raise ConfigError(f"config.train.nonfinite={t.nonfinite!r} is invalid; allowed: "
-                      f"{', '.join(safety.NONFINITE_MODES)}")
-  if int(t.max_skipped_steps) <= 0:
-    raise ConfigError(f"config.train.max_skipped_steps={t.max_skipped_steps} must be a positive "
-                      "integer")
-  if config.eval.batch_size % data_parallel:
-    raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
-                      f"data x fsdp = {data_parallel}")
-  return model_cfg
+def validate_config(config: Any, num_devices: int, process_count: int, *,
+                    check_data: bool = False) -> ModelConfig:
+  """Checks the whole config before anything is allocated (see yocou_jax.validation)."""
+  return validation.validate(config, num_devices=num_devices, process_count=process_count,
+                             check_data=check_data)
 
 
 class _PreemptionFlag:
@@ -139,7 +109,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
   devices = list(jax.devices() if devices is None else devices)
-  model_cfg = validate_config(config, len(devices), process_count)
+  model_cfg = validate_config(config, len(devices), process_count, check_data=data is None)
   safety.check_workdir(workdir)
   t = config.train
   seq_len = config.data.seq_len
@@ -147,7 +117,11 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   rules = sharding_lib.LOGICAL_AXIS_RULES
 
   if data is None:
-    data = _make_data(config, workdir, process_index, process_count, is_chief)
+    try:
+      data = _make_data(config, workdir, process_index, process_count, is_chief)
+    except (ValueError, OSError) as e:  # Empty corpus, missing split, unreadable tokenizer, ...
+      raise ConfigError(f"bad training data ({type(e).__name__}): "
+                        f"{str(e).strip().splitlines()[0]}") from e
   train_iter, eval_batches, tokenizer = data
   if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
