@@ -178,3 +178,32 @@ def test_statistics_are_sown_per_layer_and_iteration_and_join_the_loss():
 def test_bad_moe_fields_fail_with_one_line_naming_the_field(field, value, match):
   with pytest.raises(ConfigError, match=f"config.model.{field}=.*{match}"):
     moe_config(**{field: value})
+
+
+def test_total_and_active_params_and_flops_equal_the_closed_form():
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+
+  e, k, f, fs, ns = 8, 2, 24, 40, 2
+  cfg = moe_config(arch="yocou", num_layers=4, num_iterations=3, window=8, num_heads=4,
+                   num_kv_heads=2, num_experts=e, num_experts_per_token=k, expert_d_ff=f,
+                   shared_expert_d_ff=fs, num_shared_experts=ns)
+  d, v, hd = cfg.d_model, cfg.vocab_size, cfg.head_dim
+  attn = d * hd * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)  # q, out, k, v
+  cross_attn = d * hd * cfg.num_heads * 2  # q, out
+  routed, router, shared = 3 * e * d * f, d * e, 3 * d * fs * ns
+  moe_total, moe_active = router + routed + shared, router + 3 * k * d * f + shared
+  global_kv = d + 2 * d * cfg.num_kv_heads * hd
+  fixed = 2 * v * d + d + global_kv  # embedding, head, final norm, global K/V
+  total = fixed + 2 * (attn + 2 * d + moe_total) + 2 * (cross_attn + 2 * d + moe_total)
+  active = total - 4 * (moe_total - moe_active)
+  assert accounting.param_counts(cfg)["total"] == total
+  assert accounting.active_params(cfg) == active
+  # FLOPs count active weights only: each MoE application 2 (D E + 3 D F K + 3 D Fs Ns), and
+  # yocou runs its 2 self-decoder layers T = 3 times (8 MoE applications in all).
+  dense = cfg.replace(ffn="dense", d_ff=32)
+  delta = (accounting.flops_per_token(cfg, 64)["forward"]
+           - accounting.flops_per_token(dense, 64)["forward"])
+  assert delta == 2 * (2 * 3 + 2) * (moe_active - 3 * d * 32)
+  plan = accounting.plan(cfg, 64, 2, [64])
+  assert plan["active_params"] == active and plan["params"] == total
+  assert "active params" in accounting.format_table({"yocou": plan})

@@ -50,6 +50,9 @@ Array = jax.Array
 # Sown per MoE application, averaged over applications by :func:`collect_stats`.
 STAT_NAMES = ("load_balance", "router_z", "dropped_fraction", "max_load")
 _SOW_PREFIX = "moe_"
+# Parameter names of the layer (yocou_jax.accounting counts the routed ones at K/E).
+ROUTER_PARAM = "router"
+EXPERT_PARAMS = ("gate", "up", "down")  # [E, D, F], [E, D, F], [E, F, D].
 
 
 def feed_forward(cfg: ModelConfig, name: str = "mlp") -> nn.Module:
@@ -228,7 +231,7 @@ class MoE(nn.Module):
     e, f = cfg.num_experts, cfg.expert_d_ff
     expert_dim = "expert" if cfg.expert_sharding == "expert" else None
     embed_dim = None if cfg.expert_sharding == "expert" else "embed"
-    router_DxE = self.param("router", param_init(cfg, ("embed", None)), (d, e), jnp.float32)
+    router_DxE = self.param(ROUTER_PARAM, param_init(cfg, ("embed", None)), (d, e), jnp.float32)
     wg = self.param("gate", param_init(cfg, (expert_dim, embed_dim, "mlp")), (e, d, f),
                     jnp.float32)
     wu = self.param("up", param_init(cfg, (expert_dim, embed_dim, "mlp")), (e, d, f),
