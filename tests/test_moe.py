@@ -207,3 +207,23 @@ def test_total_and_active_params_and_flops_equal_the_closed_form():
   plan = accounting.plan(cfg, 64, 2, [64])
   assert plan["active_params"] == active and plan["params"] == total
   assert "active params" in accounting.format_table({"yocou": plan})
+
+
+def test_expert_shards_sum_to_all_experts_with_fewer_local_experts_than_k():
+  """Expert parallelism's local step: each shard of G < K experts computes only its pairs."""
+  e, k, g = 8, 3, 2
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(10, D)), jnp.float32)
+  w = [jnp.asarray(rng.normal(size=shape), jnp.float32) * 0.3
+       for shape in ((e, D, F), (e, D, F), (e, F, D))]
+  _, experts, weights = moe.route(jnp.asarray(rng.normal(size=(10, e)) * 3, jnp.float32), k)
+  full, _ = moe.routed_experts(x, experts, weights, *w)
+  shards = [moe.routed_experts(x, experts, weights, *(a[s:s + g] for a in w), first_expert=s)[0]
+            for s in range(0, e, g)]
+  np.testing.assert_allclose(sum(shards), full, atol=1e-5, rtol=0)
+  ref = np.zeros((10, D), np.float32)
+  for t in range(10):
+    for j in range(k):
+      i = int(experts[t, j])
+      ref[t] += float(weights[t, j]) * np.asarray(swiglu(x[t], w[0][i], w[1][i], w[2][i]))
+  np.testing.assert_allclose(full, ref, atol=1e-5, rtol=0)

@@ -123,37 +123,41 @@ def routed_experts(x_NxD: Array, experts_NxK: Array, weights_NxK: Array, wg_GxDx
   """``sum_k weights[n, k] * SwiGLU_{experts[n, k]}(x[n])`` over the G experts held here.
 
   The experts here are ``first_expert .. first_expert + G - 1``; pairs routed elsewhere contribute
-  0 (expert parallelism). Returns (y [N, D] float32, number of pairs dropped for capacity).
+  0 (expert parallelism). A token picks an expert at most once, so at most ``N * min(K, G)``
+  pairs are local: only those rows are gathered and computed. Returns (y [N, D] float32, the
+  number of local pairs dropped for capacity).
   """
   n, k = experts_NxK.shape
   g = wg_GxDxF.shape[0]
   local_NK = experts_NxK.reshape(n * k) - first_expert
-  here_NK = (local_NK >= 0) & (local_NK < g)
-  key_NK = jnp.where(here_NK, local_NK, g)  # Pairs for other devices sort last, in group g.
-  order_NK = jnp.argsort(key_NK, stable=True)
-  sorted_key_NK = key_NK[order_NK]
+  key_NK = jnp.where((local_NK >= 0) & (local_NK < g), local_NK, g)  # Elsewhere: group g, last.
+  m = n * min(k, g)
+  order_M = jnp.argsort(key_NK, stable=True)[:m]
+  key_M = key_NK[order_M]
+  token_M = order_M // k
   group_sizes_G = jnp.bincount(key_NK, length=g + 1)[:g].astype(jnp.int32)
-  xs_NKxD = x_NxD[order_NK // k]
+  xs_MxD = x_NxD[token_M]
   dtype = x_NxD.dtype
   if capacity_per_expert:
     c = capacity_per_expert
     starts_G = jnp.cumsum(group_sizes_G) - group_sizes_G
-    rank_NK = jnp.arange(n * k) - starts_G[jnp.minimum(sorted_key_NK, g - 1)]
-    kept_NK = (sorted_key_NK < g) & (rank_NK < c)
-    slot_NK = jnp.where(kept_NK, sorted_key_NK * c + rank_NK, g * c)  # g * c: out of bounds.
-    buffer_GCxD = jnp.zeros((g * c, x_NxD.shape[1]), dtype).at[slot_NK].set(xs_NKxD, mode="drop")
+    rank_M = jnp.arange(m) - starts_G[jnp.minimum(key_M, g - 1)]
+    kept_M = (key_M < g) & (rank_M < c)
+    slot_M = jnp.where(kept_M, key_M * c + rank_M, g * c)  # g * c: out of bounds, dropped.
+    buffer_GCxD = jnp.zeros((g * c, x_NxD.shape[1]), dtype).at[slot_M].set(xs_MxD, mode="drop")
     out_GxCxD = _swiglu_buffered(buffer_GCxD.reshape(g, c, -1), wg_GxDxF, wu_GxDxF, wo_GxFxD,
                                  dtype)
-    ys_NKxD = jnp.take(out_GxCxD.reshape(g * c, -1), slot_NK, axis=0, mode="fill", fill_value=0)
-    dropped = jnp.sum((sorted_key_NK < g) & ~kept_NK)
+    ys_MxD = jnp.take(out_GxCxD.reshape(g * c, -1), slot_M, axis=0, mode="fill", fill_value=0)
+    dropped = jnp.sum((key_M < g) & ~kept_M)
   else:
-    kept_NK = sorted_key_NK < g
-    ys_NKxD = _swiglu_grouped(xs_NKxD, group_sizes_G, wg_GxDxF, wu_GxDxF, wo_GxFxD, dtype)
+    kept_M = key_M < g
+    ys_MxD = _swiglu_grouped(xs_MxD, group_sizes_G, wg_GxDxF, wu_GxDxF, wo_GxFxD, dtype)
     dropped = jnp.zeros((), jnp.int32)
   # Rows past sum(group_sizes) are undefined for grouped-matmul kernels: mask, never multiply.
-  ys_NKxD = jnp.where(kept_NK[:, None], ys_NKxD.astype(jnp.float32), 0.0)
-  y_NxKxD = ys_NKxD[jnp.argsort(order_NK)].reshape(n, k, -1)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(jnp.float32)), dropped
+  w_M = weights_NxK.reshape(n * k)[order_M].astype(jnp.float32)
+  contrib_MxD = jnp.where(kept_M[:, None], ys_MxD.astype(jnp.float32) * w_M[:, None], 0.0)
+  y_NxD = jnp.zeros((n, x_NxD.shape[1]), jnp.float32).at[token_M].add(contrib_MxD)
+  return y_NxD, dropped
 
 
 # --- the sharded routed block --------------------------------------------------------------------
