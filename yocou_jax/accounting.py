@@ -17,6 +17,10 @@ from the model. The rules are those of ``shared/design/architecture.md``:
 
 A model is described by its top-level parameter entries ("parts"): how many matmul parameters each
 holds, how many times it runs per token, how many attention layers it contains and of which kind.
+
+Mixture-of-Experts layers (``ffn="moe"``): a token uses the router, K of the E routed experts and
+the shared experts, so a part's *active* parameters count the routed expert weights at K/E (exact
+when dropless) and every FLOPs figure is computed from active parameters, router included.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from yocou_jax import moe as moe_lib
 from yocou_jax.config import ModelConfig, maybe_window
 from yocou_jax.model import Model
 
@@ -50,6 +55,8 @@ class Part:
   name: str
   params: int  # Every parameter in the entry.
   matmul_params: int  # Parameters used as matmul weights (kernels; the embedding only when tied).
+  active_params: int  # Parameters one token uses (routed experts at K/E); = params when dense.
+  active_matmul_params: int  # Matmul parameters one token uses; what FLOPs count.
   applications: int  # How many times the part runs per token (T for looped blocks).
   attention_layers: int  # Attention layers per application.
   attention: Optional[str]  # CAUSAL, WINDOW, CROSS, GLOBAL_KV or None.
@@ -75,6 +82,13 @@ def _kernels(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   named = [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
   return [(path, leaf) for path, leaf in named if path and path[-1] == "kernel"]
+
+
+def _moe_weights(tree: Any, names: tuple[str, ...]) -> list[Any]:
+  """The MoE layers' weight leaves ``.../mlp/<name>`` (not the shared experts' kernels)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  keys = [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
+  return [leaf for path, leaf in keys if path[-2:-1] == ("mlp",) and path[-1] in names]
 
 
 def _attention_layers(tree: Any) -> int:
@@ -111,8 +125,13 @@ def model_parts(cfg: ModelConfig) -> tuple[Part, ...]:
     if name == "lm_head" or (name == "embedding" and cfg.tie_embeddings):
       matmul = _size(tree)  # The output projection [D, V] (the embedding's transpose if tied).
     kind = _attention_kind(cfg, name)
+    routed = _size(_moe_weights(tree, moe_lib.EXPERT_PARAMS)) if cfg.ffn == "moe" else 0
+    if cfg.ffn == "moe":
+      matmul += routed + _size(_moe_weights(tree, (moe_lib.ROUTER_PARAM,)))
+    inactive = routed - routed * cfg.num_experts_per_token // cfg.num_experts if routed else 0
     parts.append(Part(
         name=name, params=_size(tree), matmul_params=matmul,
+        active_params=_size(tree) - inactive, active_matmul_params=matmul - inactive,
         applications=_applications(cfg, name),
         attention_layers=_attention_layers(tree) if kind in (CAUSAL, WINDOW, CROSS) else 0,
         attention=kind,
@@ -125,6 +144,11 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """{"total": n, <part>: n, ...} over the parts the arch has. Independent of T."""
   counts = {part.name: part.params for part in model_parts(cfg)}
   return {"total": sum(counts.values()), **counts}
+
+
+def active_params(cfg: ModelConfig) -> int:
+  """Parameters one token uses: all of a dense model; router, K routed and shared experts of MoE."""
+  return sum(part.active_params for part in model_parts(cfg))
 
 
 # --- FLOPs ------------------------------------------------------------------------------------
@@ -142,7 +166,7 @@ def average_keys(cfg: ModelConfig, kind: str, seq_len: int) -> float:
 
 
 def _part_flops_per_token(cfg: ModelConfig, part: Part, seq_len: int) -> dict[str, float]:
-  matmul = 2.0 * part.matmul_params * part.applications
+  matmul = 2.0 * part.active_matmul_params * part.applications
   attention = 0.0
   if part.attention_layers:
     attention = (part.attention_layers * part.applications * _flops_per_key(cfg)
@@ -190,7 +214,7 @@ def decode_part_flops(cfg: ModelConfig, part: Part, context: int) -> float:
   """One new token through ``part`` at ``context`` cached tokens (full: N keys, SWA: min(W, N))."""
   keys = min(cfg.window, context) if part.attention == WINDOW else context
   attention = part.attention_layers * part.applications * _flops_per_key(cfg) * keys
-  return 2.0 * part.matmul_params * part.applications + attention
+  return 2.0 * part.active_matmul_params * part.applications + attention
 
 
 def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
@@ -243,6 +267,13 @@ def plan(cfg: ModelConfig, seq_len: int, batch_size: int,
   return {
       "arch": cfg.arch,
       "params": counts["total"],
+      "active_params": active_params(cfg),
+      "ffn": cfg.ffn,
+      **({"moe": {"num_experts": cfg.num_experts, "num_experts_per_token":
+                  cfg.num_experts_per_token, "num_shared_experts": cfg.num_shared_experts,
+                  "expert_d_ff": cfg.expert_d_ff, "shared_expert_d_ff": cfg.shared_width,
+                  "capacity_factor": cfg.capacity_factor,
+                  "expert_sharding": cfg.expert_sharding}} if cfg.ffn == "moe" else {}),
       "params_by_part": {k: v for k, v in counts.items() if k != "total"},
       "seq_len": seq_len,
       "batch_size": batch_size,
@@ -285,6 +316,14 @@ def format_table(plans: Mapping[str, Mapping[str, Any]]) -> str:
     rows.append((label, [fn(plans[arch]) for arch in archs]))
 
   row("params", lambda p: _si(p["params"]))
+  if any("moe" in plans[arch] for arch in archs):
+    row("active params", lambda p: _si(p["active_params"]))
+    row("experts (routed top-k + shared)",
+        lambda p: (f"{p['moe']['num_experts']} top-{p['moe']['num_experts_per_token']} + "
+                   f"{p['moe']['num_shared_experts']}" if "moe" in p else "dense"))
+    row("expert / shared width",
+        lambda p: (f"{p['moe']['expert_d_ff']} / {p['moe']['shared_expert_d_ff']}"
+                   if "moe" in p else "-"))
   for part in parts:
     row(f"  {part}", lambda p, part=part: (_si(p["params_by_part"][part])
                                            if part in p["params_by_part"] else "-"))

@@ -277,7 +277,7 @@ def train_flops(cfg: ModelConfig, seq_len: int, batch_size: int, microbatches: i
   for part in accounting.model_parts(cfg):
     forward = per_token.get(part.name, 0.0)
     if not attention_visible:
-      forward = 2.0 * part.matmul_params * part.applications
+      forward = 2.0 * part.active_matmul_params * part.applications
     trips = _trip_count(cfg, part)
     factor = 4.0 if (trips > 1 and cfg.remat == "full") else 3.0
     once += factor * forward / trips

@@ -16,6 +16,8 @@ ARCHS = ("transformer", "yoco", "yocou", "rins", "looped")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+FFNS = ("dense", "moe")
+EXPERT_SHARDINGS = ("fsdp", "expert")
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,18 @@ class ModelConfig:
   init_std: float = 0.02
   attention_block_size: int = 128
   unroll_loops: bool = True
+  # Mixture-of-Experts feed-forward (ffn="moe"); see yocou_jax/moe.py.
+  ffn: str = "dense"
+  num_experts: int = 8
+  num_experts_per_token: int = 2
+  num_shared_experts: int = 1
+  expert_d_ff: int = 128
+  shared_expert_d_ff: int = 0  # 0: expert_d_ff.
+  router_aux_loss: float = 0.01
+  router_z_loss: float = 1e-3
+  capacity_factor: float = 0.0  # 0: dropless.
+  moe_layers: int = 1  # Every k-th layer is MoE (1: all).
+  expert_sharding: str = "fsdp"
 
   def __post_init__(self):
     self.validate()
@@ -82,6 +96,11 @@ class ModelConfig:
   @property
   def num_cross_layers(self) -> int:
     return self.num_layers - self.num_layers // 2
+
+  @property
+  def shared_width(self) -> int:
+    """Width of one shared expert."""
+    return self.shared_expert_d_ff or self.expert_d_ff
 
   @property
   def iterations(self) -> int:
@@ -122,6 +141,29 @@ class ModelConfig:
       fail("unroll_loops", "must be True or False")
     if self.rope_theta <= 0:
       fail("rope_theta", "must be positive")
+    if self.ffn not in FFNS:
+      fail("ffn", f"allowed: {', '.join(FFNS)}")
+    if self.ffn == "moe":
+      self._validate_moe(fail)
+
+  def _validate_moe(self, fail) -> None:
+    for field in ("num_experts", "num_experts_per_token", "expert_d_ff"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        fail(field, "must be a positive integer")
+    for field in ("num_shared_experts", "shared_expert_d_ff"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        fail(field, "must be a non-negative integer")
+    if self.num_experts_per_token > self.num_experts:
+      fail("num_experts_per_token", f"must be <= num_experts={self.num_experts}")
+    for field in ("router_aux_loss", "router_z_loss", "capacity_factor"):
+      if getattr(self, field) < 0:
+        fail(field, "must be >= 0")
+    if self.moe_layers != 1:
+      fail("moe_layers", "only 1 (every layer is MoE) is implemented")
+    if self.expert_sharding not in EXPERT_SHARDINGS:
+      fail("expert_sharding", f"allowed: {', '.join(EXPERT_SHARDINGS)}")
 
 
 def maybe_window(cfg: ModelConfig) -> Optional[int]:

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from yocou_jax import attention as attention_lib
+from yocou_jax import moe as moe_lib
 from yocou_jax.config import ModelConfig
-from yocou_jax.layers import Projection, RMSNorm, SwiGLU, activation, apply_rope, param_init
+from yocou_jax.layers import Projection, RMSNorm, activation, apply_rope, param_init
 
 Array = jax.Array
 
@@ -93,7 +94,7 @@ class DecoderLayer(nn.Module):
     x_BxNxD = x_BxNxD + SelfAttention(cfg, self.window, name="attn")(h, segment_ids_BxN,
                                                                      positions_BxN)
     h = RMSNorm(cfg, name="mlp_norm")(x_BxNxD)
-    x_BxNxD = _residual(x_BxNxD + SwiGLU(cfg, name="mlp")(h))
+    x_BxNxD = _residual(x_BxNxD + moe_lib.feed_forward(cfg)(h))
     return x_BxNxD, None
 
 
@@ -116,7 +117,7 @@ class CrossDecoderLayer(nn.Module):
     x_BxNxD = x_BxNxD + Projection(cfg, (cfg.d_model,), ("q_heads", "head_dim", "embed"),
                                    in_axes=2, name="out")(out_BxNxHxD)
     h = RMSNorm(cfg, name="mlp_norm")(x_BxNxD)
-    x_BxNxD = _residual(x_BxNxD + SwiGLU(cfg, name="mlp")(h))
+    x_BxNxD = _residual(x_BxNxD + moe_lib.feed_forward(cfg)(h))
     return x_BxNxD, None
 
 
@@ -124,7 +125,7 @@ def _scan_layers(layer_cls, cfg: ModelConfig, num_layers: int, num_broadcast: in
   """``num_layers`` distinct copies of ``layer_cls`` stacked on a leading 'layers' param axis."""
   return nn.scan(
       _maybe_remat(layer_cls, cfg),
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "intermediates": 0},  # MoE statistics are sown per layer.
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * num_broadcast,
       length=num_layers,
@@ -167,6 +168,7 @@ class LoopedStack(nn.Module):
       stack_cls = nn.scan(
           LayerStack,
           variable_broadcast="params",  # One parameter set, shared by every iteration.
+          variable_axes={"intermediates": 0},  # MoE statistics are sown per iteration.
           split_rngs={"params": False},
           in_axes=(nn.broadcast, nn.broadcast),
           length=self.num_iterations,

@@ -7,6 +7,9 @@ them onto the three mesh axes:
 * ``fsdp``: data parallelism with parameters and optimizer state sharded (ZeRO-3 style);
 * ``tensor``: Megatron-style tensor parallelism over heads, MLP width and vocabulary.
 
+With ``expert_sharding="expert"`` the MoE expert dimension (logical ``expert``) takes the ``fsdp``
+axis (expert parallelism, see yocou_jax/moe.py).
+
 A logical name mapped to ``None`` is replicated. A dimension that the mapped mesh axes do not
 divide is an error at start-up (see :func:`check_divisible`), not a silent replication.
 """
@@ -36,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("expert", "fsdp"),  # MoE expert parallelism (expert_sharding="expert"): experts over fsdp.
     # Activations.
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

@@ -37,6 +37,18 @@ def get_config() -> ml_collections.ConfigDict:
   # unrolled copies (faster steps: no [T, ...] residual stacking in a while loop); False as one
   # loop (compile time and program size independent of T). The parameters are shared either way.
   m.unroll_loops = True
+  # Mixture-of-Experts feed-forward (yocou_jax/moe.py); the fields below apply when ffn = "moe".
+  m.ffn = "dense"  # Feed-forward of every layer: dense (SwiGLU d_ff) or moe.
+  m.num_experts = 8  # Routed experts E.
+  m.num_experts_per_token = 2  # Top-k: routed experts per token.
+  m.num_shared_experts = 1  # Always-on experts (one SwiGLU of num_shared x shared width).
+  m.expert_d_ff = 128  # SwiGLU hidden width of one routed expert.
+  m.shared_expert_d_ff = 0  # SwiGLU hidden width of one shared expert (0: expert_d_ff).
+  m.router_aux_loss = 0.01  # Weight of the Switch load-balancing loss (K at perfect balance).
+  m.router_z_loss = 1e-3  # Weight of the router z-loss mean logsumexp(router logits)^2.
+  m.capacity_factor = 0.0  # Slots per expert = ceil(cf * tokens * K / E); 0: dropless.
+  m.moe_layers = 1  # Every k-th layer is MoE (1: all layers).
+  m.expert_sharding = "fsdp"  # fsdp: experts sharded like any weight; expert: over the fsdp axis.
 
   # --- data ------------------------------------------------------------------------------------
   d = config.data = ml_collections.ConfigDict()

@@ -1,10 +1,14 @@
 """A scaling ladder of every arch, for FLOPs-vs-loss curves, with TPU / GPU / CPU mesh variants.
 
-  --config=experiments/configs/ladder.py:ARCH,SIZE[,PLATFORM]
+  --config=experiments/configs/ladder.py:ARCH,SIZE[,PLATFORM[,moe]]
 
 ARCH is one of transformer, yoco, yocou, rins, looped; SIZE a rung below; PLATFORM one of
 ``tpu`` (default: full FSDP over every chip, bfloat16, remat), ``gpu`` (FSDP within a host of 8
 GPUs, data parallel across hosts) or ``cpu`` (a tiny smoke-test run of the same shapes' family).
+A trailing ``moe`` swaps every dense FFN for a Mixture-of-Experts of the same *active* width:
+top-K routed experts plus one shared expert, each ``d_ff / (K + 1)`` wide (64 experts top-8 on
+accelerators, 8 experts top-2 on cpu), so the MoE rung costs the dense rung's FLOPs per token
+(plus the router) with E / (K + 1) times its FFN parameters.
 
 Rungs share the aspect ratios of Llama-style models (head_dim 128 from s2 up, GQA 4:1, SwiGLU
 8/3 d rounded to 256) and, per rung, every arch has the same layer count, width and heads, so
@@ -39,10 +43,10 @@ def swiglu_width(d_model: int) -> int:
 
 def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
   parts = spec.split(",")
-  if len(parts) not in (2, 3):
-    raise ValueError(f"ladder spec {spec!r} is invalid: expected ARCH,SIZE[,PLATFORM]")
+  if len(parts) not in (2, 3, 4) or (len(parts) == 4 and parts[3] != "moe"):
+    raise ValueError(f"ladder spec {spec!r} is invalid: expected ARCH,SIZE[,PLATFORM[,moe]]")
   arch, size = parts[:2]
-  platform = parts[2] if len(parts) == 3 else "tpu"
+  platform = parts[2] if len(parts) >= 3 else "tpu"
   if size not in RUNGS:
     raise ValueError(f"ladder size {size!r} is invalid; allowed: {sorted(RUNGS)}")
   if platform not in PLATFORMS:
@@ -87,4 +91,9 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
     config.eval.update(every_steps=100, num_batches=4, batch_size=8)
     config.checkpoint.every_steps = 100
     config.logging.every_steps = 10
+  if len(parts) == 4:
+    experts, top_k = (8, 2) if platform == "cpu" else (64, 8)
+    config.model.update(ffn="moe", num_experts=experts, num_experts_per_token=top_k,
+                        num_shared_experts=1,
+                        expert_d_ff=config.model.d_ff // (top_k + 1) // 64 * 64)
   return config

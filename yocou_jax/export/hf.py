@@ -11,6 +11,17 @@ Every parameter of the Flax model has exactly one Hugging Face tensor, found fro
   cross_decoder/layers/query/kernel          model.cross_layers.{i}.cross_attn.q_proj.weight
   final_norm/scale, lm_head [D, V]           model.norm.weight, lm_head.weight [V, D]
 
+MoE layers (``ffn="moe"``) use the Qwen2-MoE names (``Qwen2MoeForCausalLM`` for the
+transformer, the same names in the YOCO-U modeling file)::
+
+  <stack>/layers/mlp/router [L, D, E]        model.layers.{i}.mlp.gate.weight [E, D]
+  <stack>/layers/mlp/gate [L, E, D, F]       model.layers.{i}.mlp.experts.{e}.gate_proj.weight [F, D]
+  <stack>/layers/mlp/down [L, E, F, D]       model.layers.{i}.mlp.experts.{e}.down_proj.weight [D, F]
+  <stack>/layers/mlp/shared/up/kernel        model.layers.{i}.mlp.shared_expert.up_proj.weight
+
+Qwen2-MoE gates its shared expert by ``sigmoid(x w)``; the exact export of an ungated one is
+``w = 0`` (a constant tensor, no JAX parameter) and the shared ``down_proj`` times 2.
+
 A kernel ``[in..., out...]`` becomes the PyTorch ``nn.Linear`` weight ``[prod(out), prod(in)]``
 (flatten, transpose); head axes flatten head-major, as Llama's ``view(B, N, H, Dh)`` expects.
 The stacked layer axis becomes the ``{i}`` of the name: the transformer, looped and yoco/yocou
@@ -55,7 +66,19 @@ _LAYER_LEAVES = {
     ("mlp", "gate", "kernel"): "mlp.gate_proj.weight",
     ("mlp", "up", "kernel"): "mlp.up_proj.weight",
     ("mlp", "down", "kernel"): "mlp.down_proj.weight",
+    # MoE (yocou_jax/moe.py); {e} is the expert.
+    ("mlp", "router"): "mlp.gate.weight",
+    ("mlp", "gate"): "mlp.experts.{e}.gate_proj.weight",
+    ("mlp", "up"): "mlp.experts.{e}.up_proj.weight",
+    ("mlp", "down"): "mlp.experts.{e}.down_proj.weight",
+    ("mlp", "shared", "gate", "kernel"): "mlp.shared_expert.gate_proj.weight",
+    ("mlp", "shared", "up", "kernel"): "mlp.shared_expert.up_proj.weight",
+    ("mlp", "shared", "down", "kernel"): "mlp.shared_expert.down_proj.weight",
 }
+_MOE_EXPERT_LEAVES = (("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
+# Qwen2-MoE's shared-expert gate: sigmoid(0) = 1/2, compensated in the shared down projection.
+_QWEN_SHARED_GATE = "mlp.shared_expert_gate.weight"
+_QWEN_SHARED_DOWN = ("mlp", "shared", "down", "kernel")
 
 _TOP_LEAVES = {
     ("embedding",): "model.embed_tokens.weight",
@@ -79,7 +102,9 @@ class TensorSpec:
   path: tuple[str, ...]  # Path in the Flax params tree.
   layer: Optional[int]  # Index along the stacked 'layers' axis, or None.
   in_ndim: Optional[int]  # Input dims of a kernel (1 for [D, ...], 2 for [H, Dh, D]); None: copy.
-  jax_shape: tuple[int, ...]  # Shape of the JAX slice (without the layer axis).
+  jax_shape: tuple[int, ...]  # Shape of the JAX slice (without the layer and expert axes).
+  expert: Optional[int] = None  # Index along an MoE layer's expert axis, or None.
+  scale: float = 1.0  # Hugging Face tensor = scale x JAX parameter (a power of 2: exact).
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
@@ -102,6 +127,8 @@ def abstract_params(cfg: ModelConfig) -> Any:
 def _kernel_in_ndim(path: tuple[str, ...]) -> Optional[int]:
   if path[-1] == "lm_head":
     return 1
+  if path[-2:-1] == ("mlp",) and path[-1] in ("router", "gate", "up", "down"):
+    return 1  # MoE router [D, E] and expert slices [D, F] / [F, D].
   if path[-1] != "kernel":
     return None
   return 2 if path[-2] == "out" else 1
@@ -122,10 +149,27 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
       raise ExportError(f"parameter {'/'.join(path)} {leaf.shape} has no Hugging Face name: "
                         "the exporter does not know this part of the model")
     offset = cfg.num_recursive_layers if cfg.arch == "rins" and stack[0] == "decoder" else 0
+    scale = 2.0 if _qwen_moe(cfg) and rest == _QWEN_SHARED_DOWN else 1.0
+    experts = range(leaf.shape[1]) if rest in _MOE_EXPERT_LEAVES else [None]
     for i in range(leaf.shape[0]):
-      name = f"{_STACKS[stack]}.{offset + i}.{_LAYER_LEAVES[rest]}"
-      specs.append(TensorSpec(name, path, i, in_ndim, tuple(leaf.shape[1:])))
+      for e in experts:
+        name = f"{_STACKS[stack]}.{offset + i}.{_LAYER_LEAVES[rest]}".replace("{e}", str(e))
+        shape = tuple(leaf.shape[1:] if e is None else leaf.shape[2:])
+        specs.append(TensorSpec(name, path, i, in_ndim, shape, e, scale))
   return sorted(specs, key=lambda s: _natural_key(s.name))
+
+
+def _qwen_moe(cfg: ModelConfig) -> bool:
+  """The transformer with MoE layers exports to Qwen2MoeForCausalLM."""
+  return cfg.arch == "transformer" and cfg.ffn == "moe"
+
+
+def constant_tensors(cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Tensors of the Hugging Face model that no JAX parameter holds (Qwen2-MoE's shared gate)."""
+  if not _qwen_moe(cfg):
+    return {}
+  return {f"model.layers.{i}.{_QWEN_SHARED_GATE}": np.zeros((1, cfg.d_model), np.float32)
+          for i in range(cfg.num_layers)}
 
 
 def _natural_key(name: str) -> list:
@@ -145,19 +189,23 @@ def params_to_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     x = np.asarray(_get(params, spec.path), np.float32)
     if spec.layer is not None:
       x = x[spec.layer]
+    if spec.expert is not None:
+      x = x[spec.expert]
     if x.shape != spec.jax_shape:
       raise ExportError(f"parameter {'/'.join(spec.path)} has shape {x.shape}, the config "
                         f"expects {spec.jax_shape}")
     if spec.in_ndim is not None:
       x = x.reshape(spec.hf_shape[1], spec.hf_shape[0]).T
-    tensors[spec.name] = np.ascontiguousarray(x)
-  return tensors
+    tensors[spec.name] = np.ascontiguousarray(x * np.float32(spec.scale))
+  tensors.update(constant_tensors(cfg))
+  return dict(sorted(tensors.items(), key=lambda item: _natural_key(item[0])))
 
 
 def check_tensor_names_and_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]],
                                   source: str) -> None:
   """Refuses tensors that are missing, unexpected or of the wrong shape, naming the first."""
   expected = {s.name: s.hf_shape for s in tensor_specs(cfg)}
+  expected.update({name: x.shape for name, x in constant_tensors(cfg).items()})
   missing = sorted(set(expected) - set(shapes), key=_natural_key)
   if missing:
     raise ExportError(f"{source}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
@@ -174,18 +222,28 @@ def check_tensor_names_and_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int,
 def tensors_to_params(cfg: ModelConfig, tensors: dict[str, Any], source: str = "tensors") -> Any:
   """{Hugging Face name: array} -> Flax params (float32 numpy); names and shapes are checked."""
   check_tensor_names_and_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source)
-  layers: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
+  for name, x in constant_tensors(cfg).items():
+    if not np.array_equal(np.asarray(tensors[name], np.float32), x):
+      raise ExportError(f"{source}: tensor {name} is not zero: a gated shared expert has no "
+                        "yocou_jax equivalent")
+  layers: dict[tuple[str, ...], dict[tuple, np.ndarray]] = {}
   flat: dict[tuple[str, ...], np.ndarray] = {}
   for spec in tensor_specs(cfg):
-    x = np.asarray(tensors[spec.name], np.float32)
+    x = np.asarray(tensors[spec.name], np.float32) / np.float32(spec.scale)
     if spec.in_ndim is not None:
       x = x.T.reshape(spec.jax_shape)
     if spec.layer is None:
       flat[spec.path] = x
     else:
-      layers.setdefault(spec.path, {})[spec.layer] = x
-  for path, by_layer in layers.items():
-    flat[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+      layers.setdefault(spec.path, {})[(spec.layer, spec.expert)] = x
+  for path, pieces in layers.items():
+    num_layers = 1 + max(layer for layer, _ in pieces)
+    if (0, None) in pieces:
+      flat[path] = np.stack([pieces[(i, None)] for i in range(num_layers)])
+    else:  # MoE expert weights: [layers, experts, ...].
+      num_experts = 1 + max(e for _, e in pieces)
+      flat[path] = np.stack([np.stack([pieces[(i, e)] for e in range(num_experts)])
+                             for i in range(num_layers)])
   params: dict[str, Any] = {}
   for path, x in flat.items():
     node = params
@@ -224,6 +282,19 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_position_embeddin
   special = {"bos": None, "eos": None, "pad": None, **(special_ids or {})}
   config = _common_config(cfg, dtype=dtype, max_position_embeddings=max_position_embeddings,
                           special_ids=special)
+  if _qwen_moe(cfg):
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        **config,
+        **_moe_config(cfg),
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "qkv_bias": False,
+        "use_sliding_window": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_dropout": 0.0,
+    }
   if cfg.arch == "transformer":
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -248,6 +319,19 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_position_embeddin
       "num_recursive_layers": cfg.num_recursive_layers if cfg.arch == "rins" else None,
       "cross_rope": cfg.cross_rope if cfg.is_decoder_decoder else False,
       "rope_theta": cfg.rope_theta,
+      **(_moe_config(cfg) if cfg.ffn == "moe" else {}),
+  }
+
+
+def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
+  """Qwen2-MoE's names for the MoE fields (softmax top-k, renormalised)."""
+  return {
+      "num_experts": cfg.num_experts,
+      "num_experts_per_tok": cfg.num_experts_per_token,
+      "moe_intermediate_size": cfg.expert_d_ff,
+      "shared_expert_intermediate_size": cfg.num_shared_experts * cfg.shared_width,
+      "norm_topk_prob": True,
+      "router_aux_loss_coef": cfg.router_aux_loss,
   }
 
 

@@ -66,6 +66,12 @@ class YocouConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         hidden_act: str = "silu",
         tie_word_embeddings: bool = False,
+        num_experts: int = 0,
+        num_experts_per_tok: int = 0,
+        moe_intermediate_size: int = 0,
+        shared_expert_intermediate_size: int = 0,
+        norm_topk_prob: bool = True,
+        router_aux_loss_coef: float = 0.0,
         **kwargs,
     ):
         if arch not in ARCHS:
@@ -89,6 +95,15 @@ class YocouConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.hidden_act = hidden_act
+        # Mixture-of-Experts feed-forward when num_experts > 0 (Qwen2-MoE's names and routing).
+        if num_experts and not norm_topk_prob:
+            raise ValueError("norm_topk_prob=False; only renormalised top-k routing is implemented")
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.norm_topk_prob = norm_topk_prob
+        self.router_aux_loss_coef = router_aux_loss_coef
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -229,14 +244,48 @@ def attend(q_BxNxHxD, k_BxSxKxD, v_BxSxKxD, q_start: int, k_start: int,
 
 
 class YocouMLP(nn.Module):
-    def __init__(self, config: YocouConfig):
+    def __init__(self, config: YocouConfig, intermediate_size: Optional[int] = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class YocouMoE(nn.Module):
+    """Softmax top-k routed experts (weights renormalised, float32) plus an ungated shared expert."""
+
+    def __init__(self, config: YocouConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(YocouMLP(config, config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
+        self.shared_expert = (YocouMLP(config, config.shared_expert_intermediate_size)
+                              if config.shared_expert_intermediate_size else None)
+
+    def forward(self, x_BxNxD: torch.Tensor) -> torch.Tensor:
+        x_TxD = x_BxNxD.reshape(-1, x_BxNxD.shape[-1])
+        logits_TxE = nn.functional.linear(x_TxD.float(), self.gate.weight.float())
+        probs_TxE = logits_TxE.softmax(dim=-1)
+        top_TxK, experts_TxK = probs_TxE.topk(self.top_k, dim=-1)
+        weights_TxK = top_TxK / top_TxK.sum(dim=-1, keepdim=True)
+        y_TxD = torch.zeros_like(x_TxD, dtype=torch.float32)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(experts_TxK == e)
+            if token.numel():
+                out = expert(x_TxD[token]).float() * weights_TxK[token, slot, None]
+                y_TxD.index_add_(0, token, out)
+        if self.shared_expert is not None:
+            y_TxD = y_TxD + self.shared_expert(x_TxD).float()
+        return y_TxD.to(x_BxNxD.dtype).reshape(x_BxNxD.shape)
+
+
+def feed_forward(config: YocouConfig) -> nn.Module:
+    return YocouMoE(config) if config.num_experts else YocouMLP(config)
 
 
 class YocouSelfAttention(nn.Module):
@@ -271,7 +320,7 @@ class YocouDecoderLayer(nn.Module):
         self.input_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = YocouSelfAttention(config, window)
         self.post_attention_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = YocouMLP(config)
+        self.mlp = feed_forward(config)
 
     def forward(self, x, positions, cache, slot):
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, slot)
@@ -324,7 +373,7 @@ class YocouCrossDecoderLayer(nn.Module):
         self.input_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cross_attn = YocouCrossAttention(config)
         self.post_attention_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = YocouMLP(config)
+        self.mlp = feed_forward(config)
 
     def forward(self, x, positions, k, v):
         x = x + self.cross_attn(self.input_layernorm(x), positions, k, v)

@@ -1,7 +1,8 @@
 """Cached inference for every arch: chunked prefill with YOCO's early exit, decode, generation.
 
 The functions here run the *training* model's parameter tree unchanged: every layer calls the
-same Flax pieces (:class:`RMSNorm`, :class:`Projection`, :class:`SwiGLU`, :func:`apply_rope`, and
+same Flax pieces (:class:`RMSNorm`, :class:`Projection`, the feed-forward of
+:func:`yocou_jax.moe.feed_forward` (SwiGLU or MoE), :func:`apply_rope`, and
 ``Model.embed`` / ``Model.logits``) on the same param sub-trees; only the attention is replaced by
 its cached form (:mod:`yocou_jax.inference.attention`).
 
@@ -33,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yocou_jax import moe as moe_lib
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ModelConfig
 from yocou_jax.inference import attention as attn_lib
 from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import sampling as sampling_lib
-from yocou_jax.layers import Projection, RMSNorm, SwiGLU, apply_rope
+from yocou_jax.layers import Projection, RMSNorm, apply_rope
 from yocou_jax.model import Model
 
 Array = jax.Array
@@ -95,7 +97,8 @@ def _attention_out(cfg: ModelConfig, p: Params, out_BxCxHxD: Array) -> Array:
 
 
 def _feed_forward(cfg: ModelConfig, lp: Params, x_BxCxD: Array) -> Array:
-  return x_BxCxD + _apply(SwiGLU(cfg), lp["mlp"], _apply(RMSNorm(cfg), lp["mlp_norm"], x_BxCxD))
+  ffn = moe_lib.feed_forward(cfg, name=None)
+  return x_BxCxD + _apply(ffn, lp["mlp"], _apply(RMSNorm(cfg), lp["mlp_norm"], x_BxCxD))
 
 
 def _positions(lengths_B: Array, c: int) -> Array:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from yocou_jax import moe as moe_lib
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.loss import cross_entropy, next_token_targets
 from yocou_jax.train import optimizer as optimizer_lib
@@ -68,13 +69,32 @@ def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
   """Summed (not averaged) loss and its gradient, so microbatches add up exactly."""
 
   def loss_fn(p):
-    logits = model.apply({"params": p}, batch["tokens"], batch["segment_ids"], batch["positions"])
+    inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
+    if _is_moe(model):
+      logits, sown = model.apply({"params": p}, *inputs, mutable=["intermediates"])
+    else:
+      logits = model.apply({"params": p}, *inputs)
     targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
     _, aux = cross_entropy(logits, targets, weights, z_loss)
-    return aux["loss_sum"] + z_loss * aux["z_loss_sum"], aux
+    loss = aux["loss_sum"] + z_loss * aux["z_loss_sum"]
+    if _is_moe(model):
+      # Router losses are per-token means; weighted by the tokens so microbatches add up.
+      stats = moe_lib.collect_stats(sown["intermediates"])
+      loss += aux["num_tokens"] * moe_lib.auxiliary_loss(model.cfg, stats)
+      aux.update({f"moe_{k}_sum": aux["num_tokens"] * v for k, v in stats.items()})
+    return loss, aux
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, aux
+
+
+def _is_moe(model: nn.Module) -> bool:
+  return getattr(getattr(model, "cfg", None), "ffn", "dense") == "moe"
+
+
+def _aux_keys(model: nn.Module) -> tuple[str, ...]:
+  keys = ("loss_sum", "z_loss_sum", "num_tokens")
+  return keys + tuple(f"moe_{k}_sum" for k in moe_lib.STAT_NAMES) if _is_moe(model) else keys
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
@@ -93,7 +113,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "num_tokens")}
+    zero_aux = {k: jnp.zeros((), jnp.float32) for k in _aux_keys(model)}
     (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), jax.tree.map(split, batch))
   num_tokens = jnp.maximum(aux["num_tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / num_tokens, grads)
@@ -108,6 +128,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       "learning_rate": schedule(state.step),
       **optimizer_lib.skip_metrics(opt_state),  # Non-finite updates skipped (see optimizer).
   }
+  if _is_moe(model):  # Router statistics, averaged over MoE applications and tokens.
+    metrics.update({f"moe_{k}": aux[f"moe_{k}_sum"] / num_tokens for k in moe_lib.STAT_NAMES})
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
