@@ -18,31 +18,33 @@ def json_out() -> str | None:
   return _JSON_OUT.value
 
 
-def int_list(flag) -> list[int]:
+def int_list(flag, minimum: int = 1) -> list[int]:
   try:
     values = [int(v) for v in flag.value]
   except ValueError:
     raise SystemExit(f"error: --{flag.name}={','.join(flag.value)}: give integers") from None
-  if not values or min(values) < 1:
-    raise SystemExit(f"error: --{flag.name}={','.join(flag.value)}: give positive integers")
+  if not values or min(values) < minimum:
+    raise SystemExit(f"error: --{flag.name}={','.join(flag.value)}: give integers >= {minimum}")
   return values
 
 
-def fail_on(error: type[Exception], fn: Callable, *args) -> Any:
-  """``fn(*args)``; an ``error`` becomes one ``error: ...`` line and exit status 1."""
+def fail_on(error: type[Exception], fn: Callable, *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)``; an ``error`` becomes one ``error: ...`` line and exit status 1."""
   try:
-    return fn(*args)
+    return fn(*args, **kwargs)
   except error as e:
     raise SystemExit(f"error: {e}") from None
 
 
 def workdirs(flag) -> list[str]:
+  """The run directories of a string or list flag; a missing one is one line naming the flag."""
   if not flag.value:
     raise SystemExit(f"error: --{flag.name} is required")
-  for workdir in flag.value:
+  values = [flag.value] if isinstance(flag.value, str) else list(flag.value)
+  for workdir in values:
     if not os.path.isdir(workdir):
       raise SystemExit(f"error: --{flag.name}={workdir}: no such directory")
-  return list(flag.value)
+  return values
 
 
 def load_run(workdir: str):
