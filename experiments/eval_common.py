@@ -60,14 +60,18 @@ def load_run(workdir: str):
     raise SystemExit(f"error: --workdir={workdir}: {e}") from None
 
 
-def batched_model(run):
-  from yocou_jax.evaluation import batched  # pylint: disable=g-import-not-at-top
-
+def batching_kwargs() -> dict[str, int]:
+  """``chunk_size`` and ``token_budget`` of :class:`batched.BatchedModel`, checked."""
   if _CHUNK.value < 1 or _TOKEN_BUDGET.value < 1:
     raise SystemExit(f"error: --chunk_size={_CHUNK.value} and --token_budget="
                      f"{_TOKEN_BUDGET.value} must be >= 1")
-  return batched.BatchedModel(run.model_cfg, run.params, chunk_size=_CHUNK.value,
-                              token_budget=_TOKEN_BUDGET.value)
+  return dict(chunk_size=_CHUNK.value, token_budget=_TOKEN_BUDGET.value)
+
+
+def batched_model(run):
+  from yocou_jax.evaluation import batched  # pylint: disable=g-import-not-at-top
+
+  return batched.BatchedModel(run.model_cfg, run.params, **batching_kwargs())
 
 
 def run_info(workdir: str, run) -> dict[str, Any]:

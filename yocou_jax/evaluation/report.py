@@ -52,7 +52,7 @@ def write_json(path: str, value: Any) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
-    json.dump(value, f, indent=2)
+    json.dump(value, f, indent=2, default=str)  # Numpy scalars and the like as text.
     f.write("\n")
   os.replace(f.name, path)
 
