@@ -231,6 +231,18 @@ def prefill_logits(params: Params, state: DecodeState, last_x_BxD: Array, *, cfg
   return _head(params, state, last_x_BxD[:, None], positions_Bx1, cfg=cfg, opts=opts)[:, 0]
 
 
+def chunk_logits(params: Params, state: DecodeState, tokens_BxC: Array, counts_B: Array, *,
+                 cfg: ModelConfig, opts: Options) -> tuple[Array, DecodeState]:
+  """A prefill chunk that also returns the logits [B, C, V] at every fed position (scoring).
+
+  Positions past ``counts_B`` hold padding logits. yoco/yocou run the cross-decoder on the whole
+  chunk (no early exit), over the global K/V written up to each position.
+  """
+  positions_BxC = _positions(state.lengths, tokens_BxC.shape[1])
+  x_BxCxD, state = forward_chunk(params, state, tokens_BxC, counts_B, cfg=cfg, opts=opts)
+  return _head(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts), state
+
+
 def decode_step(params: Params, state: DecodeState, tokens_B: Array, *, cfg: ModelConfig,
                 opts: Options) -> tuple[Array, DecodeState]:
   """Feeds one token per sequence; returns its logits [B, V] and the advanced state."""
