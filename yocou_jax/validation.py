@@ -89,6 +89,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shuffle_window": (positive_int, "a positive integer"),
     "train.batch_size": (positive_int, "a positive integer"),
     "train.steps": (positive_int, "a positive integer"),
+    "train.flops_budget": (non_negative_number, "a non-negative number (0 = off)"),
+    "train.tokens_budget": (non_negative_number, "a non-negative number (0 = off)"),
     "train.learning_rate": (positive_number, "a positive number"),
     "train.warmup_steps": (non_negative_int, "a non-negative integer"),
     "train.schedule": (one_of(*SCHEDULES), f"one of {', '.join(SCHEDULES)}"),

@@ -67,7 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()
   t.batch_size = 8  # Global batch size in rows.
-  t.steps = 300  # Optimizer steps.
+  t.steps = 300  # Optimizer steps (unless a budget below decides them).
+  t.flops_budget = 0.0  # >0: steps = floor(budget / analytic training FLOPs per step).
+  t.tokens_budget = 0.0  # >0: steps = floor(budget / tokens per step); both set: fewer steps.
   t.learning_rate = 3e-3  # Peak learning rate.
   t.warmup_steps = 30  # Linear warmup from lr/warmup to lr.
   t.schedule = "cosine"  # Decay after warmup: cosine, linear or constant.

@@ -24,6 +24,7 @@ from yocou_jax import sharding as sharding_lib
 from yocou_jax import validation
 from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.model import Model
+from yocou_jax.train import budget as budget_lib
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import metrics as metrics_lib
 from yocou_jax.train import optimizer as optimizer_lib
@@ -109,6 +110,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
   devices = list(jax.devices() if devices is None else devices)
+  config, step_budget = budget_lib.with_resolved_steps(config)  # train.steps from a budget.
   model_cfg = validate_config(config, len(devices), process_count, check_data=data is None)
   safety.check_workdir(workdir)
   t = config.train
@@ -146,6 +148,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
                  "per device (%s); mesh %s", model_cfg.arch,
                  f"{accounting.param_counts(model_cfg)['total']:,}", flops_per_step, peak,
                  peak_source, dict(mesh.shape))
+    logging.info("budget: %s", step_budget.describe())
 
   history: list[dict] = []
   preempted = False

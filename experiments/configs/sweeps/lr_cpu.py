@@ -1,0 +1,35 @@
+"""The learning-rate grid behind ``cpu_common.LEARNING_RATES``.
+
+  python -m experiments.sweep --sweep=experiments/configs/sweeps/lr_cpu.py \
+      --workdir=runs/lr_cpu --parallel=2
+
+Every arch (yocou at T=3) at the smallest and the largest CPU rung, and yocou at T=5 at the
+smallest rung, at 2e11 training FLOPs (the smallest budget of the first ``scaling_cpu`` design), on 4 peak rates x2 apart; ``python -m experiments.analyze_scaling
+--sweep_dir=runs/lr_cpu --out=...`` prints the best rate per (arch, T, rung), which goes into
+``cpu_common.LEARNING_RATES`` (it must be interior to its grid).
+"""
+
+import itertools
+
+from experiments.configs.sweeps import cpu_common
+from yocou_jax.scaling import sweeps
+
+BOTH = (cpu_common.SMALLEST, cpu_common.LARGEST)
+GRIDS = {"transformer": (2e-3, 4e-3, 8e-3, 1.6e-2), "yoco": (2e-3, 4e-3, 8e-3, 1.6e-2),
+         "yocou": (1e-3, 2e-3, 4e-3, 8e-3)}
+# (T, rungs): yocou's T=5 only at the smallest rung (T=2 and the other rungs follow the rule).
+SETTINGS = {"transformer": [(1, BOTH)], "yoco": [(1, BOTH)],
+            "yocou": [(3, BOTH), (5, (cpu_common.SMALLEST,))]}
+
+
+def get_sweep() -> sweeps.Sweep:
+  points = []
+  for arch, rates in GRIDS.items():
+    for (t, rung_names), lr in itertools.product(SETTINGS[arch], rates):
+      for p in sweeps.grid(archs=[arch], rungs=cpu_common.rungs(rung_names),
+                           budgets={"C2e11": {"train.flops_budget": 2e11}}, iterations=[t],
+                           common=cpu_common.COMMON):
+        points.append(sweeps.Point(f"{p.name}_lr{lr:g}",
+                                   {**p.overrides, "train.learning_rate": lr}))
+  return sweeps.Sweep(name="lr_cpu", config="experiments/configs/default.py", points=points,
+                      description="learning-rate grid per arch at the smallest and largest rung")
