@@ -110,9 +110,9 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
   devices = list(jax.devices() if devices is None else devices)
-  config, step_budget = budget_lib.with_resolved_steps(config)  # train.steps from a budget.
   model_cfg = validate_config(config, len(devices), process_count, check_data=data is None)
   safety.check_workdir(workdir)
+  config, step_budget = budget_lib.with_resolved_steps(config)  # train.steps from a budget.
   t = config.train
   seq_len = config.data.seq_len
   mesh = sharding_lib.make_mesh(config.mesh, devices)
