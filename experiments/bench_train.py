@@ -13,6 +13,12 @@ faster than the trainer consumes them.
 
 Targets: MFU >= 50% of the measured peak per arch (float32); yocou/yoco step-time ratio within
 10% of the analytic FLOPs ratio; pipeline tokens/s >= 20x the fastest trainer's.
+
+``--ffn=moe`` also times, next to each dense arch, the same arch with every FFN a Mixture of
+Experts of equal *active* width (``--num_experts`` routed, top ``--experts_per_token``, plus one
+shared expert, each ``d_ff / (top-k + 1)`` wide; ``--capacity_factor`` > 0 for the dropping
+path), steps interleaved with the dense ones; MFU counts active FLOPs only. Target: the MoE step
+at most 1.5x the dense step at equal active FLOPs.
 """
 
 from __future__ import annotations
@@ -48,6 +54,12 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per arch.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per arch.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50, "Batches to time the pipeline.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
+_FFN = flags.DEFINE_enum("ffn", "dense", ["dense", "moe"], "moe: also time each arch with MoE "
+                         "FFNs of the dense FFN's active width.")
+_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "--ffn=moe: routed experts.")
+_EXPERTS_PER_TOKEN = flags.DEFINE_integer("experts_per_token", 2, "--ffn=moe: top-k.")
+_CAPACITY = flags.DEFINE_float("capacity_factor", 0.0, "--ffn=moe: expert capacity (0: dropless).")
+MOE_TARGET = 1.5  # MoE step time / dense step time at equal active FLOPs.
 
 
 def bench_config(arch: str):
@@ -59,6 +71,16 @@ def bench_config(arch: str):
                       attention_block_size=128, unroll_loops=_UNROLL.value)
   config.data.seq_len = _SEQ_LEN.value
   config.train.batch_size = _BATCH.value
+  return config
+
+
+def moe_bench_config(arch: str):
+  """``bench_config(arch)`` with MoE FFNs: top-k routed + 1 shared expert = the dense width."""
+  config = bench_config(arch)
+  top_k = _EXPERTS_PER_TOKEN.value
+  config.model.update(ffn="moe", num_experts=_NUM_EXPERTS.value, num_experts_per_token=top_k,
+                      num_shared_experts=1, expert_d_ff=config.model.d_ff // (top_k + 1),
+                      capacity_factor=_CAPACITY.value)
   return config
 
 
@@ -101,7 +123,8 @@ class TrainStepTimer:
   def row(self) -> dict:
     flops = accounting.train_flops_per_step(self.cfg, self.seq_len, self.batch)
     step_time = statistics.median(self.times)
-    return {"arch": self.cfg.arch, "step_time_s": step_time, "step_times_s": self.times,
+    label = self.cfg.arch + ("-moe" if self.cfg.ffn == "moe" else "")
+    return {"arch": label, "step_time_s": step_time, "step_times_s": self.times,
             "train_flops_per_step": flops, "tokens_per_sec": self.batch * self.seq_len / step_time,
             "flops_per_sec": flops / step_time, "warmup_s": self.warmup_s,
             "loss": float(self.metrics["loss"])}
@@ -139,7 +162,10 @@ def main(argv):
   table_peak = metrics_lib.table_peak_flops(device)
   peak = table_peak or measured_peak
   peak_source = "table (dense bf16)" if table_peak else "measured f32 matmul"
-  rows = time_train_steps([bench_config(arch) for arch in _ARCHS.value])
+  configs = [bench_config(arch) for arch in _ARCHS.value]
+  if _FFN.value == "moe":
+    configs = [c for arch in _ARCHS.value for c in (bench_config(arch), moe_bench_config(arch))]
+  rows = time_train_steps(configs)
   for row in rows:
     row["mfu"] = row["flops_per_sec"] / peak
   by_arch = {r["arch"]: r for r in rows}
@@ -155,6 +181,15 @@ def main(argv):
                    / by_arch["yoco"]["train_flops_per_step"])
     result["yocou_over_yoco"] = {"time_ratio": time_ratio, "flops_ratio": flops_ratio,
                                  "relative_gap": time_ratio / flops_ratio - 1.0}
+  if _FFN.value == "moe":
+    result["moe_over_dense"] = {
+        arch: {"time_ratio": by_arch[f"{arch}-moe"]["step_time_s"] / by_arch[arch]["step_time_s"],
+               "active_flops_ratio": (by_arch[f"{arch}-moe"]["train_flops_per_step"]
+                                      / by_arch[arch]["train_flops_per_step"])}
+        for arch in _ARCHS.value}
+    result["moe"] = {"num_experts": _NUM_EXPERTS.value,
+                     "experts_per_token": _EXPERTS_PER_TOKEN.value, "num_shared_experts": 1,
+                     "capacity_factor": _CAPACITY.value, "target_time_ratio": MOE_TARGET}
   pipe = pipeline_tokens_per_sec(bench_config("yocou"))
   fastest = max(r["tokens_per_sec"] for r in rows)
   result["pipeline"] = {"tokens_per_sec": pipe, "trainer_tokens_per_sec": fastest,
@@ -174,6 +209,10 @@ def main(argv):
     print(f"yocou/yoco: time x{g['time_ratio']:.3f}, FLOPs x{g['flops_ratio']:.3f}, gap "
           f"{100 * g['relative_gap']:+.1f}% (target within 10%: "
           f"{'yes' if abs(g['relative_gap']) <= 0.10 else 'NO'})")
+  for arch, g in result.get("moe_over_dense", {}).items():
+    print(f"{arch}-moe/{arch}: time x{g['time_ratio']:.3f} at active FLOPs "
+          f"x{g['active_flops_ratio']:.3f} (target <= {MOE_TARGET}x: "
+          f"{'yes' if g['time_ratio'] <= MOE_TARGET else 'NO'})")
   p = result["pipeline"]
   print(f"pipeline: {p['tokens_per_sec']:,.0f} tokens/s = {p['headroom']:.1f}x the fastest "
         f"trainer (target >= 20x: {'yes' if p['headroom'] >= 20 else 'NO'})")

@@ -27,7 +27,7 @@ Sharding (``expert_sharding``):
 
 In both, tensor parallelism splits the expert width and ends in a ``psum`` over ``tensor``.
 Routing statistics are computed outside the ``shard_map`` on the global batch, so load balance is
-measured over the global batch. Each MoE application sows them into the ``intermediates``
+measured over the global batch (every routed token, padding included). Each MoE application sows them into the ``intermediates``
 collection; :func:`collect_stats` averages them over applications (layers and loop iterations)
 and the train step adds :func:`auxiliary_loss` to the loss.
 """

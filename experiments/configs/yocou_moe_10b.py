@@ -21,6 +21,12 @@ reach their experts by the ring of experts (yocou_jax/moe.py). Check that it fit
 
   JAX_PLATFORMS=cpu python -m experiments.compile_for \\
       --config=experiments/configs/yocou_moe_10b.py --topology=v5p:4x4x4
+
+On v5p:4x4x4 (mesh data 1, fsdp 64, tensor 1; 64 rows of 8192 tokens a microbatch) the train
+step fits in 28.7 GiB of the 95 GiB per chip (parameters 0.53, Adam 1.06, temporaries 26.8 GiB).
+XLA's FLOPs are 3.95x the analytic count on its basis: each chip's grouped matmul is compiled
+for the ring's worst case, N x min(K, local experts) rows (every gathered token on the local
+expert), while a balanced router sends it N x K / E x local experts.
 """
 
 import ml_collections
