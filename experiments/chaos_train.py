@@ -51,7 +51,7 @@ def train_overrides(workdir: str, corpus: str, tfds_dir: str, steps: int) -> lis
       "data.seq_len": 64, "data.tfds_name": "text_files", "data.text_glob": corpus,
       "data.tfds_data_dir": tfds_dir, "data.shuffle_window": 64, "data.packing_bins": 8,
       "train.batch_size": 8, "train.steps": steps, "train.warmup_steps": 3,
-      "eval.every_steps": EVAL_EVERY, "eval.num_batches": 4, "eval.batch_size": 8,
+      "eval.every_steps": EVAL_EVERY, "eval.num_batches": 8, "eval.batch_size": 8,
       "checkpoint.every_steps": CHECKPOINT_EVERY, "checkpoint.keep": 3,
       "checkpoint.use_async": True,
       "logging.every_steps": 1, "logging.tensorboard": False, "logging.progress": False,

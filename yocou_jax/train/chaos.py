@@ -62,36 +62,45 @@ def _logged_steps(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def _save_in_flight(workdir: str) -> bool:
+def _temporary_dirs(workdir: str) -> set[tuple[str, int]]:
+  """(name, inode) of every temporary step directory Orbax has in the workdir."""
   directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
+  found = set()
   try:
-    return any("orbax-checkpoint-tmp" in name for name in os.listdir(directory))
+    for entry in os.scandir(directory):
+      if "orbax-checkpoint-tmp" in entry.name:
+        found.add((entry.name, entry.inode()))
   except FileNotFoundError:
-    return False
+    pass
+  return found
 
 
 class Watcher:
-  """The state of a running child, read from its workdir."""
+  """The state of a running child, read from its workdir.
+
+  A save is in flight when a temporary step directory exists that was not there when the
+  attempt started (a torn save of an earlier attempt leaves one until Orbax cleans it up).
+  """
 
   def __init__(self, workdir: str):
     self.workdir = workdir
+    self.leftovers = _temporary_dirs(workdir)
 
   def last_step(self) -> int:
     records = _logged_steps(self.workdir)
     return records[-1]["step"] if records else -1
 
   def save_in_flight(self) -> bool:
-    return _save_in_flight(self.workdir)
+    return bool(_temporary_dirs(self.workdir) - self.leftovers)
 
 
-def run_attempt(command: Sequence[str], workdir: str, env: dict, *, kill_when:
+def run_attempt(command: Sequence[str], watcher: Watcher, env: dict, *, kill_when:
                 Optional[Callable[[float, Watcher], bool]], timeout_s: float,
                 log_path: str) -> tuple[int, float]:
   """Runs ``command`` once; SIGKILLs it the first time ``kill_when(elapsed, watcher)`` holds.
 
   Returns (exit status, seconds it ran); a killed child returns -SIGKILL.
   """
-  watcher = Watcher(workdir)
   with open(log_path, "ab") as log:
     child = subprocess.Popen(list(command), env=env, stdout=log, stderr=subprocess.STDOUT)
     start = time.perf_counter()
@@ -149,7 +158,7 @@ def _after_first(condition: Callable[[Watcher], bool],
 
 def _where_it_landed(watcher: Watcher, eval_steps: Sequence[int], step: int,
                      logged_this_attempt: bool) -> str:
-  if watcher.save_in_flight():  # The child is dead: a temporary directory left is a torn save.
+  if watcher.save_in_flight():  # The child is dead: a new temporary directory is a torn save.
     return "save"
   if not logged_this_attempt:
     return "start"
@@ -203,7 +212,7 @@ def run_trial(trial: int, command: Callable[[str], Sequence[str]], env: dict, sc
     records_before = len(_logged_steps(workdir))
     policy = None if mode is None else kill_policy(mode, rng, eval_steps, resumed_from,
                                                    final_step)
-    code, seconds = run_attempt(command(workdir), workdir, env, kill_when=policy,
+    code, seconds = run_attempt(command(workdir), watcher, env, kill_when=policy,
                                 timeout_s=timeout_s, log_path=log_path)
     attempts += 1
     if code == -signal.SIGKILL:
@@ -231,7 +240,7 @@ def reference_run(command: Sequence[str], workdir: str, env: dict, timeout_s: fl
       first.append(elapsed)
     return False
 
-  code, seconds = run_attempt(command, workdir, env, kill_when=note_first_step,
+  code, seconds = run_attempt(command, Watcher(workdir), env, kill_when=note_first_step,
                               timeout_s=timeout_s, log_path=log_path)
   if code != 0:
     raise RuntimeError(f"the reference run exited with status {code}; log: {log_path}")
