@@ -30,15 +30,14 @@ _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Greedy sample lengt
 _SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final sample.")
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(collective_timeout_s: int) -> None:
   """Joins the multi-process runtime when asked to (TPU pods, GPU clusters, CPU loopback)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  from yocou_jax import distributed  # pylint: disable=g-import-not-at-top
 
   if not (_MULTIHOST.value or _COORDINATOR.value):
     return
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs need it.
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         collective_timeout_s=collective_timeout_s)
 
 
 class _QuietLibraryInfo(std_logging.Filter):
@@ -52,11 +51,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
-  initialize_distributed()
+  initialize_distributed(_CONFIG.value.train.collective_timeout_s)
   import jax  # pylint: disable=g-import-not-at-top
 
   from experiments import reporting  # pylint: disable=g-import-not-at-top
-  from yocou_jax import validation  # pylint: disable=g-import-not-at-top
+  from yocou_jax import distributed, validation  # pylint: disable=g-import-not-at-top
   from yocou_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from yocou_jax.train import safety, trainer  # pylint: disable=g-import-not-at-top
   from yocou_jax.train.checkpoint import CheckpointSaveError  # pylint: disable=g-import-not-at-top
@@ -67,7 +66,8 @@ def main(argv):
   logging.info("workdir %s, %d processes, %d devices (%s)", workdir, jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   try:
-    result = trainer.train(config, workdir)
+    with distributed.exit_on_lost_process(config.train.collective_timeout_s):
+      result = trainer.train(config, workdir)
   except (ConfigError, safety.NonFiniteError, CheckpointSaveError) as e:
     raise SystemExit(validation.error_lines(e)) from None  # One line per cause, no traceback.
   if jax.process_index() != 0:

@@ -106,6 +106,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.z_loss": (non_negative_number, "a non-negative number"),
     "train.nonfinite": (one_of(*NONFINITE_MODES), f"one of {', '.join(NONFINITE_MODES)}"),
     "train.max_skipped_steps": (positive_int, "a positive integer"),
+    "train.collective_timeout_s": (positive_int, "a positive integer (seconds)"),
     "eval.every_steps": (positive_int, "a positive integer"),
     "eval.num_batches": (non_negative_int, "a non-negative integer"),
     "eval.batch_size": (positive_int, "a positive integer"),

@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.z_loss = 0.0  # Weight of the z-loss (mean log(Z)^2) regulariser.
   t.nonfinite = "skip"  # Non-finite loss/gradients: skip the update, or stop the run at once.
   t.max_skipped_steps = 10  # nonfinite="skip": stop once this many updates in a row were skipped.
+  t.collective_timeout_s = 100  # Multi-process: a process silent this long is dead; all stop.
 
   # --- evaluation ------------------------------------------------------------------------------
   e = config.eval = ml_collections.ConfigDict()

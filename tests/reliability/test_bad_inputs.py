@@ -100,6 +100,9 @@ CASES = [
     ("train", ["--config.data.tfds_name=text_files", "--config.data.text_glob={tmp}/empty_files",
                "--config.data.tfds_data_dir={tmp}/tfds"],
      ["error: bad training data (ValueError):", "no usable text under", "empty_files"]),
+    ("train", ["--config.data.tfds_name=text_files", "--config.data.text_glob={tmp}/corpus",
+               "--config.data.tfds_data_dir={tmp}/tfds", "--config.data.eval_split=test"],
+     ["error: bad training data (ValueError):", "'test'"]),
     ("train", ["--config.data.tfds_name=no_such_dataset", "--config.data.tfds_data_dir={tmp}/tfds"],
      ["error: bad training data (ValueError):", "no_such_dataset"]),
     # --- plan ----------------------------------------------------------------------------
@@ -156,6 +159,9 @@ def scratch(tmp) -> None:
   (tmp / "a_file").write_text("not a directory")
   (tmp / "garbage.json").write_text("this is not JSON")
   (tmp / "empty_files").mkdir()
+  (tmp / "corpus").mkdir()
+  for i in range(40):
+    (tmp / "corpus" / f"m{i}.py").write_text(f"def f{i}(x):\n  return x + {i}\n" * 20)
   for i in range(3):
     (tmp / "empty_files" / f"f{i}.py").write_text("")
 

@@ -1,7 +1,9 @@
 """Resume safety (a changed model or data is refused), workdir checks, and a save that fails."""
 
 import errno
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -79,3 +81,46 @@ def test_a_save_that_fails_stops_the_run_and_keeps_earlier_checkpoints(run10, tm
   resumed = trainer.train(config, workdir, data=synthetic_data(), devices=jax.devices()[:1])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
                jax.device_get(run10[1].state))
+
+
+def test_a_torn_metrics_line_is_dropped_before_appending(tmp_path):
+  from yocou_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')  # Killed mid-write.
+  assert metrics_lib.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.5}]
+  writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
+  writer.write(2, {"loss": 2.25})
+  writer.write(1, {"loss": 2.5})  # A step logged again after a resume.
+  writer.close()
+  assert path.read_text().splitlines()[1:] == ['{"step": 2, "loss": 2.25}',
+                                               '{"step": 1, "loss": 2.5}']
+  assert metrics_lib.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.5},
+                                                     {"step": 2, "loss": 2.25}]
+
+
+def test_chaos_comparison_finds_a_changed_loss_and_array(run10, run10_copy):
+  from yocou_jax.train import chaos  # pylint: disable=g-import-not-at-top
+
+  assert chaos.compare_runs(run10[0], run10_copy, final_step=10) == []
+  metrics = os.path.join(run10_copy, "metrics.jsonl")
+  lines = open(metrics).read().splitlines()
+  record = json.loads(lines[3])
+  want = record["loss"]
+  record["loss"] = float(np.nextafter(want, 10.0))  # One ulp.
+  lines[3] = json.dumps(record)
+  with open(metrics, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  assert chaos.compare_runs(run10[0], run10_copy, final_step=10) == [
+      f"step {record['step']} loss: {record['loss']!r} != {want!r}"]
+  # The final checkpoint rewritten with one parameter changed by one ulp.
+  shutil.rmtree(os.path.join(run10_copy, "checkpoints", "10"))
+  state = jax.device_get(run10[1].state)
+  params = dict(state.params)
+  params["embedding"] = params["embedding"].copy()
+  params["embedding"][0, 0] = np.nextafter(params["embedding"][0, 0], np.float32(10))
+  ckpt = checkpoint_lib.Checkpointer(run10_copy, keep=10, use_async=False)
+  ckpt.save(10, state.replace(params=params))
+  ckpt.wait_until_finished()
+  assert chaos.compare_runs(run10[0], run10_copy, final_step=10)[1:] == [
+      "final ['params']['embedding'] differs"]

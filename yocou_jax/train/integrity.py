@@ -89,15 +89,12 @@ def _check_array_store(state_dir: str) -> Optional[str]:
   return None
 
 
-def read_step(step_dir: str) -> Optional[str]:
-  """``check_step`` plus reading every array back onto one CPU device.
+def read_arrays(step_dir: str) -> tuple[Any, Any]:
+  """(what the metadata promises, what was read): the step's state as arrays on one CPU device.
 
-  Each array must decode with the shape and dtype the metadata promises and hold only finite
-  values. Reads the whole state into host memory once.
+  The promise is a tree of ShapeDtypeStructs; raises whatever Orbax or TensorStore raise when a
+  file cannot be read.
   """
-  reason = check_step(step_dir)
-  if reason:
-    return reason
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint import metadata as ocp_metadata  # pylint: disable=g-import-not-at-top
 
@@ -108,18 +105,32 @@ def read_step(step_dir: str) -> Optional[str]:
     tree = meta.tree if hasattr(meta, "tree") else dict(meta)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     is_array = lambda x: isinstance(x, ocp_metadata.ArrayMetadata)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree,
-                          is_leaf=is_array)
-    restored = checkpointer.restore(state_dir, target)
-  except Exception as e:  # pylint: disable=broad-except
-    return f"item 'state': arrays unreadable ({type(e).__name__}: {first_line(e)})"
+    promised = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree,
+                            is_leaf=is_array)
+    return promised, checkpointer.restore(state_dir, promised)
   finally:
     checkpointer.close()
-  for path, want in jax.tree_util.tree_leaves_with_path(target):
-    got = restored
-    for key in path:
-      got = got[key.key if hasattr(key, "key") else key.idx]
+
+
+def read_step(step_dir: str) -> Optional[str]:
+  """``check_step`` plus reading every array back onto one CPU device.
+
+  Each array must decode with the shape and dtype the metadata promises and hold only finite
+  values. Reads the whole state into host memory once.
+  """
+  reason = check_step(step_dir)
+  if reason:
+    return reason
+  try:
+    promised, restored = read_arrays(step_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"item 'state': arrays unreadable ({type(e).__name__}: {first_line(e)})"
+  got_leaves = dict(jax.tree_util.tree_leaves_with_path(restored))
+  for path, want in jax.tree_util.tree_leaves_with_path(promised):
     name = jax.tree_util.keystr(path)
+    got = got_leaves.get(path)
+    if got is None:
+      return f"item 'state': {name} is missing"
     if got.shape != want.shape or got.dtype != want.dtype:
       return (f"item 'state': {name} read back as {got.dtype}{list(got.shape)}, the metadata "
               f"promises {want.dtype}{list(want.shape)}")

@@ -71,7 +71,9 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_torn_last_line(path)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
@@ -102,12 +104,28 @@ def _to_python(v: Any) -> Any:
   return v
 
 
+def _drop_torn_last_line(path: str) -> None:
+  """Cuts a last line a killed process left half-written (its step is logged again on resume)."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(workdir: str) -> list[dict]:
+  """The logged records by step; a step logged again after a resume keeps its last record."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  by_step = {}
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if line.endswith("\n"):  # A line without its newline is a write cut short by a kill.
+        record = json.loads(line)
+        by_step[record["step"]] = record
+  return [by_step[step] for step in sorted(by_step)]
 
 
 class Progress:
