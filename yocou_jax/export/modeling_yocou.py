@@ -66,6 +66,7 @@ class YocouConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         hidden_act: str = "silu",
         tie_word_embeddings: bool = False,
+        use_cache: bool = True,
         **kwargs,
     ):
         if arch not in ARCHS:
@@ -88,6 +89,7 @@ class YocouConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
+        self.use_cache = use_cache  # forward() without use_cache (lm-eval's hf model) reads it.
         self.hidden_act = hidden_act
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
