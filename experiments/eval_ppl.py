@@ -31,6 +31,7 @@ _PNG = flags.DEFINE_string("png_out", None, "Perplexity-vs-prefix plot (PNG).")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdirs = eval_common.workdirs(_WORKDIRS)  # Before the (slow) imports: bad flags fail fast.
   from yocou_jax.evaluation import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import report  # pylint: disable=g-import-not-at-top
@@ -39,7 +40,7 @@ def main(argv):
   eval_common.fail_on(perplexity.PerplexityError, perplexity.check_lengths, prefixes,
                       _TARGET_LEN.value)
   runs_json = []
-  for workdir in eval_common.workdirs(_WORKDIRS):
+  for workdir in workdirs:
     run = eval_common.load_run(workdir)
     texts = eval_common.fail_on(corpus_lib.CorpusError, corpus_lib.load_documents,
                                 _CORPUS.value, run.config.data)
