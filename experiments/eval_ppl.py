@@ -13,6 +13,8 @@ chunked (``--chunk_size``), so memory stays bounded. Several workdirs give one l
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 
 from experiments import eval_common
@@ -69,7 +71,8 @@ def main(argv):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs_json:
       ax.plot([row["prefix"] for row in r["rows"]], [row["ppl"] for row in r["rows"]], "o-",
-              label=f"{r['arch']} T={r['num_iterations']}")
+              label=f"{os.path.basename(os.path.normpath(r['workdir']))} ({r['arch']} "
+              f"T={r['num_iterations']})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visible prefix (tokens)")
     ax.set_ylabel(f"perplexity of the last {_TARGET_LEN.value} tokens")

@@ -95,7 +95,7 @@ class BatchedModel:
     self.cfg, self.params = cfg, params
     self.chunk_size, self.token_budget, self.max_rows = chunk_size, token_budget, max_rows
     self.show_progress = show_progress
-    self.programs: set[tuple] = set()  # (kind, rows, length): the shapes compiled so far.
+    self.programs: set[tuple] = set()  # (kind, rows, length, chunk, ...): shapes run so far.
 
   @functools.lru_cache(maxsize=16)
   def engine(self, chunk: int) -> engine_lib.Engine:
