@@ -15,6 +15,7 @@ from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
+from tests import cpu_env  # pylint: disable=g-import-not-at-top
 from tests.evaluation import common  # pylint: disable=g-import-not-at-top
 from yocou_jax import loss as loss_lib  # pylint: disable=g-import-not-at-top
 from yocou_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
@@ -191,3 +192,21 @@ def test_hf_export_through_lm_eval_hf_agrees(runs, arch, tmp_path):
                                   for r in xs for x in r], np.float64)
     np.testing.assert_allclose(flat(got), flat(want), rtol=0, atol=1e-3)
   assert ours["results"]["toy_mc"]["acc,none"] == theirs["results"]["toy_mc"]["acc,none"]
+
+
+def test_binary(runs, tmp_path):
+  workdir, _ = runs["transformer"]
+  out = tmp_path / "harness.json"
+  args = ["--tasks=toy_mc", f"--include_path={TASKS_DIR}", "--include_defaults=false"]
+  proc = cpu_env.run_module("experiments.eval_harness", f"--workdir={workdir}", *args,
+                            f"--json_out={out}", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert (result["arch"], result["step"], result["max_length"]) == ("transformer", 5, 32)
+  assert result["n-samples"]["toy_mc"]["effective"] == 6
+  assert result["averages"]["macro_avg_acc"] == result["results"]["toy_mc"]["acc,none"]
+  for flags, message in [([f"--workdir={tmp_path / 'missing'}", *args], "error: --workdir="),
+                         ([f"--workdir={workdir}", "--tasks=no_such_task", *args[1:]],
+                          "error: --tasks: unknown task(s) no_such_task")]:
+    proc = cpu_env.run_module("experiments.eval_harness", *flags, timeout=300)
+    assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
