@@ -37,11 +37,11 @@ _PNG = flags.DEFINE_string("png_out", None, "Accuracy heatmaps (PNG).")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  (workdir,) = eval_common.workdirs(_WORKDIR)  # Before the (slow) imports: bad flags fail fast.
   from yocou_jax.evaluation import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import niah  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import report  # pylint: disable=g-import-not-at-top
 
-  (workdir,) = eval_common.workdirs(_WORKDIR)
   lengths, depths = eval_common.int_list(_LENGTHS), eval_common.int_list(_DEPTHS, minimum=0)
   unknown = [t for t in _TASKS.value if t not in niah.TASKS]
   if unknown or not _TASKS.value:

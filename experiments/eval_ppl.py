@@ -13,6 +13,8 @@ chunked (``--chunk_size``), so memory stays bounded. Several workdirs give one l
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 
 from experiments import eval_common
@@ -31,6 +33,7 @@ _PNG = flags.DEFINE_string("png_out", None, "Perplexity-vs-prefix plot (PNG).")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdirs = eval_common.workdirs(_WORKDIRS)  # Before the (slow) imports: bad flags fail fast.
   from yocou_jax.evaluation import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import report  # pylint: disable=g-import-not-at-top
@@ -39,7 +42,7 @@ def main(argv):
   eval_common.fail_on(perplexity.PerplexityError, perplexity.check_lengths, prefixes,
                       _TARGET_LEN.value)
   runs_json = []
-  for workdir in eval_common.workdirs(_WORKDIRS):
+  for workdir in workdirs:
     run = eval_common.load_run(workdir)
     texts = eval_common.fail_on(corpus_lib.CorpusError, corpus_lib.load_documents,
                                 _CORPUS.value, run.config.data)
@@ -68,7 +71,8 @@ def main(argv):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs_json:
       ax.plot([row["prefix"] for row in r["rows"]], [row["ppl"] for row in r["rows"]], "o-",
-              label=f"{r['arch']} T={r['num_iterations']}")
+              label=f"{os.path.basename(os.path.normpath(r['workdir']))} ({r['arch']} "
+              f"T={r['num_iterations']})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visible prefix (tokens)")
     ax.set_ylabel(f"perplexity of the last {_TARGET_LEN.value} tokens")

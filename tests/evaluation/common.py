@@ -38,13 +38,14 @@ def write_run(workdir: str, arch: str = "yocou", seed: int = 11):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(cfg: ModelConfig):
+def forward(cfg: ModelConfig):
+  """The training forward, jitted once per config."""
   return jax.jit(lambda p, t: Model(cfg).apply({"params": p}, t))
 
 
 def token_logprobs(cfg: ModelConfig, params, tokens) -> np.ndarray:
   """log p(tokens[i] | tokens[:i]) for i >= 1, from the training forward, in float64."""
-  logits = np.asarray(_forward(cfg)(params, jnp.asarray([tokens], jnp.int32))[0], np.float64)
+  logits = np.asarray(forward(cfg)(params, jnp.asarray([tokens], jnp.int32))[0], np.float64)
   logits = logits[:-1]
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   return logits[np.arange(len(tokens) - 1), np.asarray(tokens[1:])] - log_z

@@ -95,7 +95,7 @@ class BatchedModel:
     self.cfg, self.params = cfg, params
     self.chunk_size, self.token_budget, self.max_rows = chunk_size, token_budget, max_rows
     self.show_progress = show_progress
-    self.programs: set[tuple] = set()  # (kind, rows, length): the shapes compiled so far.
+    self.programs: set[tuple] = set()  # (kind, rows, length, chunk, ...): shapes run so far.
 
   @functools.lru_cache(maxsize=16)
   def engine(self, chunk: int) -> engine_lib.Engine:
@@ -129,16 +129,18 @@ class BatchedModel:
     inputs = [len(r.tokens) - 1 for r in requests]
     chunk = min(self.chunk_size, bucket_length(max(inputs), 1)) if requests else 1
     batches = self._batches(inputs, chunk)
-    progress = report.Progress(len(batches), label, enabled=self.show_progress)
+    total = sum(-(-max(inputs[i] for i in indices) // min(chunk, length))
+                for length, indices, _ in batches)
+    progress = report.Progress(total, label, unit="chunks", enabled=self.show_progress)
     results: list[Optional[Score]] = [None] * len(requests)
     for length, indices, rows in batches:
       for i, score in zip(indices, self._score_batch([requests[i] for i in indices], length,
-                                                     rows, min(chunk, length))):
+                                                     rows, min(chunk, length), progress)):
         results[i] = score
-      progress.update()
     return results
 
-  def _score_batch(self, requests, length: int, rows: int, chunk: int) -> list[Score]:
+  def _score_batch(self, requests, length: int, rows: int, chunk: int,
+                   progress: report.Progress) -> list[Score]:
     tokens_BxL = np.zeros((rows, length), np.int32)
     targets_BxL = np.zeros((rows, length), np.int32)
     lengths_B = np.zeros((rows,), np.int32)
@@ -164,6 +166,8 @@ class BatchedModel:
           logp, hit, state = _jit_score_chunk(self.params, state, tokens_BxL[:, cols], counts_B,
                                               targets_BxL[:, cols], **static)
           logp_BxL[:, cols], hit_BxL[:, cols] = np.asarray(logp), np.asarray(hit)
+        jax.block_until_ready(state)
+        progress.update()
     scores = []
     for b, r in enumerate(requests):
       scored = slice(r.first_scored - 1, lengths_B[b])

@@ -72,6 +72,7 @@ class YocouConfig(PretrainedConfig):
         shared_expert_intermediate_size: int = 0,
         norm_topk_prob: bool = True,
         router_aux_loss_coef: float = 0.0,
+        use_cache: bool = True,
         **kwargs,
     ):
         if arch not in ARCHS:
@@ -94,6 +95,7 @@ class YocouConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
+        self.use_cache = use_cache  # forward() without use_cache (lm-eval's hf model) reads it.
         self.hidden_act = hidden_act
         # Mixture-of-Experts feed-forward when num_experts > 0 (Qwen2-MoE's names and routing).
         if num_experts and not norm_topk_prob:
