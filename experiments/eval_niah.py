@@ -91,14 +91,16 @@ def main(argv):
                   for r in results]})
   if _PNG.value:
     plt = report.pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results) + 1, 3.8),
+                             squeeze=False, constrained_layout=True)
     for ax, r in zip(axes[0], results):
       image = ax.imshow(r.accuracy.T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto",
                         origin="lower")
       ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
       ax.set_yticks(range(len(depths)), [str(d) for d in depths])
       ax.set_xlabel("length (tokens)")
-      ax.set_ylabel("needle depth (%)")
+      if ax is axes[0][0]:
+        ax.set_ylabel("needle depth (%)")
       ax.set_title(f"{r.task}: mean {r.mean:.2f}")
     fig.colorbar(image, ax=axes[0].tolist())
     fig.suptitle(f"{cfg.arch} T={cfg.iterations}")

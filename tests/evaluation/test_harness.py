@@ -88,6 +88,10 @@ def test_loglikelihood_equals_project_loss(runs, arch):
     assert logprob == pytest.approx(-loss_sum, abs=1e-4)
     assert is_greedy == want_greedy
   assert not any(g for _, g in got)
+  # One request per batch (other shapes, no padding rows) gives the same numbers.
+  single = _lm(run, max_length=MAX_LENGTH, token_budget=64).loglikelihood(
+      [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+  np.testing.assert_allclose(np.asarray(single), np.asarray(got), rtol=0, atol=1e-5)
   # The model's own greedy continuation of a prompt is "greedy"; one token changed is not.
   prompt = tok.encode("def ")
   greedy = engine_lib.Engine(run.model_cfg).generate(run.params, [prompt], 4).tokens[0]
