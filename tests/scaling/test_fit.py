@@ -96,8 +96,8 @@ def test_csv_input_gives_the_same_analysis(tmp_path):
   with open(path, newline="", encoding="utf-8") as f:
     header = next(csv.reader(f))
   assert header[:len(points_lib.COLUMNS)] == list(points_lib.COLUMNS)
-  direct = report.analyze(rows, str(tmp_path / "a"), num_bootstrap=4, figures=False)
-  from_csv = report.analyze(points_lib.read_csv(path), str(tmp_path / "b"), num_bootstrap=4,
+  direct = report.analyze(rows, str(tmp_path / "a"), num_bootstrap=2, figures=False)
+  from_csv = report.analyze(points_lib.read_csv(path), str(tmp_path / "b"), num_bootstrap=2,
                             figures=True)
   assert from_csv["comparisons"][0]["token_saving"] == direct["comparisons"][0]["token_saving"]
   assert from_csv["fits"] == direct["fits"]

@@ -257,8 +257,11 @@ class Runner:
 
   def _save_sweep_json(self) -> None:
     for p in self.sweep.points:  # Points this invocation does not run: their state on disk.
-      if self.status.get(p.name) not in ("running",) and p.name not in self._selected:
-        self.status[p.name] = point_status(self.workdir, p, self.plans[p.name]["hash"])
+      if p.name not in self._selected:
+        try:
+          self.status[p.name] = point_status(self.workdir, p, self.plans[p.name]["hash"])
+        except ConfigError:
+          self.status[p.name] = "made by another config"
     _write_json(os.path.join(self.workdir, SWEEP_JSON), {
         "name": self.sweep.name, "config": self.sweep.config,
         "description": self.sweep.description,

@@ -39,6 +39,7 @@ LEARNING_RATES = {
     ("transformer", 1): {"s0": 2e-3, "s2": 2e-3},
     ("yoco", 1): {"s0": 2e-3, "s2": 2e-3},
     ("yocou", 3): {"s0": 2e-3, "s2": 4e-3},
+    ("yocou", 5): {"s0": 4e-3},  # The top of its grid: 8e-3 was run to check it is interior.
 }
 
 

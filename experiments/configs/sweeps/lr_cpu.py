@@ -25,7 +25,8 @@ SETTINGS = {"transformer": [(1, BOTH)], "yoco": [(1, BOTH)],
             "yocou": [(3, BOTH), (5, (cpu_common.SMALLEST,))]}
 # yocou T=5 skips the lowest rate of the grid (far above T=3's optimum there).
 # yocou T=3 at the largest rung was still improving at 4e-3: one step more up.
-EXTRA = [("yocou", 3, cpu_common.LARGEST, 8e-3)]
+# yocou T=5 at the smallest rung was still improving at 4e-3: one step more up.
+EXTRA = [("yocou", 3, cpu_common.LARGEST, 8e-3), ("yocou", 5, cpu_common.SMALLEST, 8e-3)]
 
 
 def get_sweep() -> sweeps.Sweep:
