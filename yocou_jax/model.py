@@ -40,6 +40,9 @@ from yocou_jax.config import ModelConfig
 from yocou_jax.layers import Projection, RMSNorm, activation, apply_rope, param_init
 
 Array = jax.Array
+# Collection of the residual stream after every layer application, [T, layers, B, N, D] per
+# stack, filled only when applied with ``mutable=[INTERMEDIATES]`` (representation analysis).
+INTERMEDIATES = "intermediates"
 
 _REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole layer in the backward pass.
@@ -95,6 +98,7 @@ class DecoderLayer(nn.Module):
                                                                      positions_BxN)
     h = RMSNorm(cfg, name="mlp_norm")(x_BxNxD)
     x_BxNxD = _residual(x_BxNxD + moe_lib.feed_forward(cfg)(h))
+    self.sow(INTERMEDIATES, "residual", x_BxNxD)  # Only with mutable=[INTERMEDIATES].
     return x_BxNxD, None
 
 
@@ -118,6 +122,7 @@ class CrossDecoderLayer(nn.Module):
                                    in_axes=2, name="out")(out_BxNxHxD)
     h = RMSNorm(cfg, name="mlp_norm")(x_BxNxD)
     x_BxNxD = _residual(x_BxNxD + moe_lib.feed_forward(cfg)(h))
+    self.sow(INTERMEDIATES, "residual", x_BxNxD)
     return x_BxNxD, None
 
 
@@ -125,7 +130,7 @@ def _scan_layers(layer_cls, cfg: ModelConfig, num_layers: int, num_broadcast: in
   """``num_layers`` distinct copies of ``layer_cls`` stacked on a leading 'layers' param axis."""
   return nn.scan(
       _maybe_remat(layer_cls, cfg),
-      variable_axes={"params": 0, "intermediates": 0},  # MoE statistics are sown per layer.
+      variable_axes={"params": 0, INTERMEDIATES: 0},  # Residuals and MoE statistics, per layer.
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * num_broadcast,
       length=num_layers,
@@ -168,7 +173,7 @@ class LoopedStack(nn.Module):
       stack_cls = nn.scan(
           LayerStack,
           variable_broadcast="params",  # One parameter set, shared by every iteration.
-          variable_axes={"intermediates": 0},  # MoE statistics are sown per iteration.
+          variable_axes={INTERMEDIATES: 0},  # Residuals and MoE statistics, per iteration.
           split_rngs={"params": False},
           in_axes=(nn.broadcast, nn.broadcast),
           length=self.num_iterations,

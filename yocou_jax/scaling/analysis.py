@@ -48,22 +48,51 @@ def frontier(rows: Sequence[dict], x_key: str) -> list[dict]:
   return out
 
 
-def equal_steps_group(rows: Sequence[dict]) -> list[dict]:
-  """Final points of the runs that trained the same tokens, the group with most model sizes."""
+def equal_steps_group(rows: Sequence[dict], step: Optional[int] = None) -> list[dict]:
+  """One point per model size at equal steps, for the parameter law.
+
+  Without ``step``: the final points of the runs that trained the same tokens, the group with
+  the most model sizes (annealed runs). With ``step``: every size's lowest evaluation at that
+  step (mid-schedule points of runs with different schedules; see :func:`common_step`).
+  """
   groups: dict[float, dict[int, dict]] = {}
-  for r in points_lib.final_rows(rows):
-    by_size = groups.setdefault(r["tokens"], {})
-    if r["non_embedding_params"] not in by_size or r["loss"] < by_size[r["non_embedding_params"]]["loss"]:
-      by_size[r["non_embedding_params"]] = r
+  candidates = (points_lib.final_rows(rows) if step is None
+                else [r for r in rows if r["step"] == step])
+  for r in candidates:
+    key = r["tokens"] if step is None else step
+    by_size = groups.setdefault(key, {})
+    size = r["non_embedding_params"]
+    if size not in by_size or r["loss"] < by_size[size]["loss"]:
+      by_size[size] = r
   if not groups:
     return []
   tokens = max(groups, key=lambda d: (len(groups[d]), d))
   return sorted(groups[tokens].values(), key=lambda r: r["non_embedding_params"])
 
 
-def law_points(rows: Sequence[dict], law: str, points: str = "frontier") -> list[dict]:
+def has_equal_step_runs(rows: Sequence[dict], min_sizes: int = 3) -> bool:
+  """Every arch has annealed runs of >= ``min_sizes`` sizes at one token count."""
+  archs = {r["arch"] for r in rows}
+  return all(len(equal_steps_group([r for r in rows if r["arch"] == a])) >= min_sizes
+             for a in archs)
+
+
+def common_step(rows: Sequence[dict]) -> Optional[int]:
+  """The largest step at which every (arch, model size) has an evaluation (None if none)."""
+  steps_by_key: dict[tuple, set] = {}
+  for r in rows:
+    if r["step"] > 0:
+      steps_by_key.setdefault((r["arch"], r["non_embedding_params"]), set()).add(r["step"])
+  if not steps_by_key:
+    return None
+  common = set.intersection(*steps_by_key.values())
+  return max(common) if common else None
+
+
+def law_points(rows: Sequence[dict], law: str, points: str = "frontier",
+               equal_step: Optional[int] = None) -> list[dict]:
   if law == "params":
-    return equal_steps_group(rows)
+    return equal_steps_group(rows, equal_step)
   if points == "final":
     return [r for r in points_lib.final_rows(rows) if r[law] > 0]
   return frontier(rows, law)
@@ -84,11 +113,11 @@ class ArchFits:
   failures: int
 
 
-def _fit_laws(rows: Sequence[dict], points: str, starts=None,
-              x_refs: Optional[dict] = None) -> dict[str, Optional[fit_lib.FitResult]]:
+def _fit_laws(rows: Sequence[dict], points: str, starts=None, x_refs: Optional[dict] = None,
+              equal_step: Optional[int] = None) -> dict[str, Optional[fit_lib.FitResult]]:
   out = {}
   for law in LAWS:
-    pts = law_points(rows, law, points)
+    pts = law_points(rows, law, points, equal_step)
     if len({_x(law, r) for r in pts}) < 3:
       out[law] = None
       continue
@@ -100,29 +129,31 @@ def _fit_laws(rows: Sequence[dict], points: str, starts=None,
 
 
 def _starts_near(result: Optional[fit_lib.FitResult]):
-  """Bootstrap starts: the full-data optimum and a few spread-out grid points."""
+  """Bootstrap starts: the full-data optimum and a spread-out point."""
   if result is None:
     return None
   law = result.law
-  return [(math.log(law.A), law.alpha, math.log(law.E)), (0.0, 0.2, 0.0), (-1.0, 0.5, 0.5),
-          (1.0, 1.0, -0.5)]
+  return [(math.log(law.A), law.alpha, math.log(law.E)), (0.0, 0.3, 0.0)]
 
 
 def fit_arch(rows: Sequence[dict], arch: str, *, points: str = "frontier",
-             num_bootstrap: int = 100, seed: int = 0) -> ArchFits:
+             num_bootstrap: int = 100, seed: int = 0,
+             equal_step: Optional[int] = None) -> ArchFits:
+  """The arch's laws; ``equal_step``: the parameter law's points (see equal_steps_group)."""
   arch_rows = [r for r in rows if r["arch"] == arch]
-  fits = _fit_laws(arch_rows, points)
+  fits = _fit_laws(arch_rows, points, equal_step=equal_step)
   starts = {law: _starts_near(f) for law, f in fits.items()}
   x_refs = {law: f.law.x_ref for law, f in fits.items() if f is not None}
   by_run = list(points_lib.runs(arch_rows).values())
 
   def statistic(sample):
-    refit = _fit_laws([r for run in sample for r in run], points, starts, x_refs)
+    refit = _fit_laws([r for run in sample for r in run], points, starts, x_refs, equal_step)
     return {law: (f.law if f is not None else None) for law, f in refit.items()}
 
   replicates, failures = fit_lib.bootstrap(by_run, statistic, num_samples=num_bootstrap,
                                            seed=seed)
-  return ArchFits(arch, fits, {law: law_points(arch_rows, law, points) for law in LAWS},
+  return ArchFits(arch, fits,
+                  {law: law_points(arch_rows, law, points, equal_step) for law in LAWS},
                   replicates, failures)
 
 

@@ -23,9 +23,10 @@ import numpy as np
 from scipy import optimize
 
 HUBER_DELTA = 1e-3
-ALPHA_STARTS = (0.05, 0.2, 0.5, 1.0)
-E_STARTS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-A_STARTS = (-3.0, -1.0, 0.0, 1.0)
+ALPHA_STARTS = (0.1, 0.5)
+E_STARTS = (-0.5, 0.5)
+A_STARTS = (-1.0, 1.0)
+_LBFGS = {"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-11}
 ALPHA_BOUNDS = (0.0, 5.0)
 
 
@@ -95,8 +96,9 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float], *, x_ref: Optional[
                   starts: Optional[Sequence[tuple[float, float, float]]] = None) -> FitResult:
   """Fits L = E + A (x/x_ref)^-alpha to (x, loss) by multi-start L-BFGS-B (module docstring).
 
-  ``starts`` are (a, alpha, e) triples; the default is the grid A_STARTS x ALPHA_STARTS x
-  E_STARTS (e clipped to the bound log(min loss)).
+  ``starts`` are (a, alpha, e) triples (e is clipped to its bound log(min loss)); the default is
+  the variable-projection solution (a dense grid over alpha) plus the corners of the grid
+  A_STARTS x ALPHA_STARTS x E_STARTS.
   """
   x = np.asarray(x, np.float64)
   loss = np.asarray(loss, np.float64)
@@ -110,12 +112,14 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float], *, x_ref: Optional[
   bounds = [(-30.0, 30.0), ALPHA_BOUNDS, (-30.0, e_max)]
   if starts is None:
     starts = list(itertools.product(A_STARTS, ALPHA_STARTS, E_STARTS))
+    guess = fit_power_law_varpro(x, loss, x_ref=x_ref, alphas=np.linspace(0.01, 3.0, 600))
+    if guess.A > 0 and guess.E > 0:
+      starts.insert(0, (math.log(guess.A), guess.alpha, math.log(guess.E)))
   best = None
   for a0, alpha0, e0 in starts:
     theta0 = np.array([a0, alpha0, min(e0, e_max - 1e-6)])
     res = optimize.minimize(_objective, theta0, args=(logx, logy, delta), jac=True,
-                            method="L-BFGS-B", bounds=bounds,
-                            options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
+                            method="L-BFGS-B", bounds=bounds, options=_LBFGS)
     if best is None or res.fun < best.fun:
       best = res
   a, alpha, e = best.x
@@ -185,12 +189,10 @@ def fit_parametric(n: Sequence[float], d: Sequence[float], loss: Sequence[float]
   e_max = float(np.log(loss.min()))
   bounds = [(-30.0, 30.0), ALPHA_BOUNDS, (-30.0, 30.0), ALPHA_BOUNDS, (-30.0, e_max)]
   best = None
-  for ea, a, eb, b, e in itertools.product((-2.0, 0.0), (0.1, 0.3, 0.6), (-2.0, 0.0),
-                                           (0.1, 0.3, 0.6), (-0.5, 0.5)):
+  for ea, a, eb, b, e in itertools.product((0.0,), (0.2, 0.5), (0.0,), (0.2, 0.5), (-0.5, 0.5)):
     theta0 = np.array([ea, a, eb, b, min(e, e_max - 1e-6)])
     res = optimize.minimize(_parametric_objective, theta0, args=(logn, logd, logy, delta),
-                            jac=True, method="L-BFGS-B", bounds=bounds,
-                            options={"maxiter": 3000, "ftol": 1e-15, "gtol": 1e-12})
+                            jac=True, method="L-BFGS-B", bounds=bounds, options=_LBFGS)
     if best is None or res.fun < best.fun:
       best = res
   ea, a, eb, b, e = best.x

@@ -25,8 +25,9 @@ def analyze(rows: Sequence[dict], out_dir: str, *, pairs: Optional[Sequence[tupl
   os.makedirs(out_dir, exist_ok=True)
   points_lib.write_csv(rows, os.path.join(out_dir, "points.csv"))
   archs = sorted({r["arch"] for r in rows})
+  equal_step = None if analysis.has_equal_step_runs(rows) else analysis.common_step(rows)
   fits = {arch: analysis.fit_arch(rows, arch, points=points, num_bootstrap=num_bootstrap,
-                                  seed=seed) for arch in archs}
+                                  seed=seed, equal_step=equal_step) for arch in archs}
   if pairs is None:
     pairs = [p for p in DEFAULT_PAIRS if p[0] in fits and p[1] in fits]
   for a, b in pairs:
@@ -42,6 +43,9 @@ def analyze(rows: Sequence[dict], out_dir: str, *, pairs: Optional[Sequence[tupl
       "comparisons": comparisons, "loop": loop,
       "learning_rates": analysis.best_learning_rates(rows),
       "runs": len(points_lib.runs(rows)), "points": len(rows), "fit_points": points,
+      "param_law_points": ("final points of annealed runs at equal tokens" if equal_step is None
+                           else f"evaluations at step {equal_step}, common to every run "
+                                "(mid-schedule)"),
   }
   result["figures"] = plots.plot_all(rows, fits, comparisons, loop, out_dir) if figures else []
   report_path = os.path.join(out_dir, "report.md")
@@ -86,6 +90,7 @@ def format_report(result: dict) -> str:
   lines += _fit_table("Compute law", result["fits"], "C")
   lines += _fit_table("Token law", result["token_fits"], "D")
   lines += _fit_table("Parameter law at equal steps", result["param_fits"], "N")
+  lines.insert(-1, f"Points: {result['param_law_points']}.\n")
   if result["comparisons"]:
     lines += ["## Comparisons", "",
               "Gap = L_b - L_a (positive: a is better). Savings are a's relative to b.", "",

@@ -196,6 +196,11 @@ def _write_json(path: str, payload: Any) -> None:
   os.replace(tmp, path)
 
 
+def _mark_done(point_dir: str, note: str) -> None:
+  with open(os.path.join(point_dir, DONE), "w", encoding="utf-8") as f:
+    f.write(note + "\n")
+
+
 def point_status(workdir: str, point: Point, expected_hash: str) -> str:
   """'done', 'interrupted' (a directory without DONE) or 'pending'; refuses a hash mismatch."""
   point_dir = os.path.join(workdir, point.name)
@@ -210,6 +215,13 @@ def point_status(workdir: str, point: Point, expected_hash: str) -> str:
   if os.path.exists(os.path.join(point_dir, DONE)):
     return "done"
   return "interrupted" if os.path.exists(meta_path) else "pending"
+
+
+def finished(point_dir: str, steps: int) -> bool:
+  """The run logged its last step and committed its final checkpoint (Orbax renames a step's
+  directory into place only once it is complete)."""
+  return (last_step(point_dir) == steps
+          and os.path.isdir(os.path.join(point_dir, "checkpoints", str(steps))))
 
 
 def last_step(point_dir: str) -> int:
@@ -231,16 +243,25 @@ class Runner:
   """Runs the points of a sweep in ``workdir`` as child processes, K at a time."""
 
   def __init__(self, sweep: Sweep, workdir: str, *, python: str = sys.executable,
-               repo_root: Optional[str] = None, log=print):
+               repo_root: Optional[str] = None, log=None,
+               env: Optional[Mapping[str, str]] = None):
     self.sweep = sweep
     self.workdir = os.path.abspath(workdir)
     self.python = python
     self.repo_root = repo_root or os.getcwd()
-    self.log = log
+    self.log = log or (lambda line: print(line, flush=True))
+    self.env = dict(os.environ if env is None else env)
     self.plans = {p.name: plan_point(sweep, p) for p in sweep.points}
     self.status: dict[str, str] = {}
+    self._selected: set[str] = set()
 
   def _save_sweep_json(self) -> None:
+    for p in self.sweep.points:  # Points this invocation does not run: their state on disk.
+      if p.name not in self._selected:
+        try:
+          self.status[p.name] = point_status(self.workdir, p, self.plans[p.name]["hash"])
+        except ConfigError:
+          self.status[p.name] = "made by another config"
     _write_json(os.path.join(self.workdir, SWEEP_JSON), {
         "name": self.sweep.name, "config": self.sweep.config,
         "description": self.sweep.description,
@@ -258,7 +279,7 @@ class Runner:
     log_file.write(f"$ {format_command(args)}\n")
     log_file.flush()
     proc = subprocess.Popen(args, cwd=self.repo_root, stdout=log_file, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": self.repo_root})
+                            env={**self.env, "PYTHONPATH": self.repo_root})
     proc.log_file = log_file  # Closed when the child ends.
     return proc
 
@@ -267,8 +288,14 @@ class Runner:
     if parallel < 1:
       raise ConfigError(f"--parallel={parallel} must be >= 1")
     os.makedirs(self.workdir, exist_ok=True)
+    self._selected = {p.name for p in points}
     for p in self.sweep.points:
       self.status[p.name] = point_status(self.workdir, p, self.plans[p.name]["hash"])
+      point_dir = os.path.join(self.workdir, p.name)
+      if (p.name in self._selected and self.status[p.name] == "interrupted"
+          and finished(point_dir, self.plans[p.name]["steps"])):
+        _mark_done(point_dir, "finished before this runner started")  # Its runner had died.
+        self.status[p.name] = "done"
     self._save_sweep_json()
     queue = [p for p in points if self.status[p.name] != "done"]
     for p in points:
@@ -290,10 +317,8 @@ class Runner:
         proc.log_file.close()
         del running[name]
         point_dir = os.path.join(self.workdir, name)
-        finished = last_step(point_dir) == self.plans[name]["steps"]
-        if proc.returncode == 0 and finished:
-          with open(os.path.join(point_dir, DONE), "w", encoding="utf-8") as f:
-            f.write(f"{time.time() - started:.1f} s\n")
+        if proc.returncode == 0 and finished(point_dir, self.plans[name]["steps"]):
+          _mark_done(point_dir, f"{time.time() - started:.1f} s")
           self.status[name] = "done"
         elif proc.returncode == 0:  # A clean exit before the last step: preempted.
           self.status[name] = "interrupted"

@@ -4,8 +4,9 @@
       --workdir=runs/loop_cpu
   python -m experiments.analyze_scaling --sweep_dir=runs/loop_cpu --out=runs/loop_cpu/analysis
 
-The middle CPU rung (d 64) trains 300 steps of 8 x 128 tokens at every T, each at its tuned
-learning rate (``cpu_common.learning_rate``: measured at T = 1, 3 and 5, log-log in T between).
+The smallest CPU rung (d 48, where the learning rate was measured at T = 1, 3 and 5) trains 200
+steps of 8 x 128 tokens at every T, each at its tuned rate (``cpu_common.learning_rate``,
+log-log in T between the measured T).
 T = 1 is yoco's computation with yocou's parameters.
 """
 
@@ -13,8 +14,8 @@ from experiments.configs.sweeps import cpu_common
 from yocou_jax.scaling import sweeps
 
 ITERATIONS = (1, 2, 3, 5)
-RUNG = "s1"
-STEPS = 300
+RUNG = "s0"
+STEPS = 200
 
 
 def get_sweep() -> sweeps.Sweep:

@@ -1,0 +1,56 @@
+"""Test-time depth and the representation analysis of a tiny trained yocou (T=2)."""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train.test_train_binary import corpus_config
+from yocou_jax.model import Model
+from yocou_jax.scaling import depth
+from yocou_jax.train import trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A yocou (T=2, 1 self + 1 cross layer) trained 8 steps on the real text pipeline."""
+  tmp_path = tmp_path_factory.mktemp("depth")
+  config = corpus_config(tmp_path)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  workdir = str(tmp_path / "run")
+  result = trainer.train(config, workdir, devices=jax.devices()[:1])
+  return config, workdir, result
+
+
+def test_loss_at_the_trained_depth_is_the_trainers_validation_loss(trained):
+  config, workdir, result = trained
+  rows = depth.loss_at_depths(workdir, [1, 2, 3])
+  assert [r["num_iterations"] for r in rows] == [1, 2, 3]
+  assert [r["trained"] for r in rows] == [False, True, False]
+  final = [r for r in result.history if "eval_loss" in r][-1]
+  assert rows[1]["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+  assert rows[1]["eval_tokens"] == final["eval_tokens"]
+  assert rows[0]["eval_loss"] != pytest.approx(rows[1]["eval_loss"], rel=1e-6)
+  del config
+
+
+def test_angular_distances_count_and_a_direct_reference(trained):
+  config, workdir, _ = trained
+  model_cfg, transitions = depth.representation_analysis(workdir)
+  t, self_layers, cross_layers = 2, model_cfg.num_self_layers, model_cfg.num_cross_layers
+  assert len(transitions) == t * self_layers + cross_layers
+  assert [x.part for x in transitions] == (["self_decoder"] * t * self_layers
+                                           + ["cross_decoder"] * cross_layers)
+  distances = np.array([x.distance for x in transitions])
+  assert np.all(np.isfinite(distances)) and np.all((distances > 0) & (distances < 1))
+
+  # The captured states are the model's own: the last one, through the final norm and head,
+  # gives the model's logits.
+  run_params = depth.text_lib.load_run(workdir).params
+  batch = {k: jax.numpy.asarray(v) for k, v in depth.eval_batches(
+      depth.text_lib.load_run(workdir))[0].items()}
+  states = depth.residual_states(model_cfg, run_params, batch)
+  logits = Model(model_cfg).apply({"params": run_params}, batch["tokens"], batch["segment_ids"],
+                                  batch["positions"])
+  head = Model(model_cfg).apply({"params": run_params}, states[-1][2], method=Model.logits)
+  np.testing.assert_allclose(np.asarray(head), np.asarray(logits), rtol=1e-5, atol=1e-5)
+  del config
