@@ -70,7 +70,7 @@ def test_sharded_moe_step_equals_one_device(expert_sharding):
 
 
 def test_microbatched_moe_step_equals_one_batch_in_loss_and_router_metrics():
-  config = moe_train_config()
+  config = moe_train_config(arch="transformer", num_layers=1)
   tx = optax.sgd(1.0)
   model = Model(ModelConfig.from_config(config.model))
   schedule = optimizer_lib.learning_rate_schedule(config.train)
