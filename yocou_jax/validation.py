@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.train.optimizer import SCHEDULES
 
-SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_MODES = ("skip", "stop")
 
 
