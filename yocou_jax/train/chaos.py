@@ -1,15 +1,18 @@
 """Kill a training run with SIGKILL at chosen moments, restart it until it finishes, compare.
 
 A trial runs the training binary as a child process in a fresh workdir and kills it several
-times: right after start (during start-up and compilation), while an async checkpoint write is
-in flight (an ``*.orbax-checkpoint-tmp*`` directory exists), during the steps that evaluate, or at
-a random moment. After each kill it starts the same command again, which resumes from the newest
-intact checkpoint; the last attempt runs to the end. The trial passes when every loss and
-validation loss it ever logged, and every array of its final checkpoint, are bit-identical to an
-uninterrupted run's.
+times, each kill aimed at one moment: start-up (1-6 s after launch: imports, data pipeline,
+restore, compilation), an async checkpoint write in flight (a new ``*.orbax-checkpoint-tmp*``
+directory), an evaluating step (0-300 ms after the step before it is logged) or a random step.
+After each kill it starts the same command again, which resumes from the newest intact
+checkpoint; the last attempt runs to the end. The trial passes when every loss and validation
+loss it ever logged (recomputed steps included) and every array of its final checkpoint are
+bit-identical to an uninterrupted run's.
 
-The watcher polls the workdir every few milliseconds: ``metrics.jsonl`` (one record per step)
-says which step the child is at, and the checkpoint directory says whether a save is in flight.
+Where a kill landed is read from the workdir after the child is dead: a temporary step
+directory that appeared during the attempt is a torn save; no record logged in the attempt is
+start-up; otherwise the step after the last logged one was running (its train step, and its
+evaluation when it evaluates). The watcher polls every few milliseconds.
 """
 
 from __future__ import annotations
