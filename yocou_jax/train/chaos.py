@@ -3,7 +3,7 @@
 A trial runs the training binary as a child process in a fresh workdir and kills it several
 times, each kill aimed at one moment: start-up (1-6 s after launch: imports, data pipeline,
 restore, compilation), an async checkpoint write in flight (a new ``*.orbax-checkpoint-tmp*``
-directory), an evaluating step (0-300 ms after the step before it is logged) or a random step.
+directory), an evaluating step (50-300 ms after the step before it is logged) or a random step.
 After each kill it starts the same command again, which resumes from the newest intact
 checkpoint; the last attempt runs to the end. The trial passes when every loss and validation
 loss it ever logged (recomputed steps included) and every array of its final checkpoint are
@@ -136,12 +136,12 @@ def kill_policy(mode: str, rng: random.Random, eval_steps: Sequence[int], resume
     return lambda elapsed, w: elapsed >= at
   if mode == "save":  # As soon as an async write is in flight (after a random 0-20 ms).
     return _after_first(lambda w: w.save_in_flight(), rng.uniform(0.0, 0.02))
-  if mode == "eval":  # Once the step before an evaluating step is logged, 0-300 ms later.
+  if mode == "eval":  # Once the step before an evaluating step is logged, 50-300 ms later.
     targets = [s for s in eval_steps if s > resumed_from + 1]
     if not targets:
       return lambda elapsed, w: False
     target = rng.choice(targets)
-    return _after_first(lambda w: w.last_step() >= target - 1, rng.uniform(0.0, 0.3))
+    return _after_first(lambda w: w.last_step() >= target - 1, rng.uniform(0.05, 0.3))
   # A random moment: after a random step of the rest of the run is logged, 0-300 ms later.
   step = rng.randint(resumed_from + 1, max(resumed_from + 1, final_step - 1))
   return _after_first(lambda w: w.last_step() >= step, rng.uniform(0.0, 0.3))
