@@ -118,6 +118,7 @@ def main(argv: Sequence[str]) -> None:
       "kills": sum(len(r.kills) for r in results),
       "kills_during_save": landed["save"],
       "kills_during_eval": landed["eval"],
+      "kills_in_evaluating_step": sum(k.in_evaluating_step for r in results for k in r.kills),
       "kills_at_start": landed["start"],
       "kills_between_steps": landed["steps"],
       "resumes": sum(r.attempts - 1 for r in results),
@@ -131,8 +132,9 @@ def main(argv: Sequence[str]) -> None:
   }
   print(f"\n{summary['identical']} of {summary['trials']} trials bit-identical; "
         f"{summary['kills']} kills ({summary['kills_during_save']} during an async save, "
-        f"{summary['kills_during_eval']} in an evaluating step, {summary['kills_at_start']} "
-        f"before the first step, {summary['kills_between_steps']} between other steps), "
+        f"{summary['kills_during_eval']} in an evaluating step with no save in flight, "
+        f"{summary['kills_in_evaluating_step']} in an evaluating step in all, "
+        f"{summary['kills_at_start']} before the first step, {summary['kills_between_steps']} between other steps), "
         f"{summary['resumes']} resumes, {summary['wall_s']} s")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:

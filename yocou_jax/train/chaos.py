@@ -44,6 +44,7 @@ class Kill:
   after_s: float  # Seconds after the attempt started.
   step: int  # The last step logged before the kill.
   landed: str  # What was really in flight: "save", "eval", "start" or "steps".
+  in_evaluating_step: bool = False  # The running step evaluates (whatever else was in flight).
 
 
 @dataclasses.dataclass
@@ -221,7 +222,8 @@ def run_trial(trial: int, command: Callable[[str], Sequence[str]], env: dict, sc
     if code == -signal.SIGKILL:
       step = watcher.last_step()
       logged = len(_logged_steps(workdir)) > records_before
-      kills.append(Kill(mode, seconds, step, _where_it_landed(watcher, eval_steps, step, logged)))
+      kills.append(Kill(mode, seconds, step, _where_it_landed(watcher, eval_steps, step, logged),
+                        in_evaluating_step=logged and step + 1 in eval_steps))
       continue
     if code != 0:
       raise RuntimeError(f"trial {trial}: attempt {attempts} exited with status {code}; log: "
