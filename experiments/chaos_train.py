@@ -134,7 +134,8 @@ def main(argv: Sequence[str]) -> None:
         f"{summary['kills']} kills ({summary['kills_during_save']} during an async save, "
         f"{summary['kills_during_eval']} in an evaluating step with no save in flight, "
         f"{summary['kills_in_evaluating_step']} in an evaluating step in all, "
-        f"{summary['kills_at_start']} before the first step, {summary['kills_between_steps']} between other steps), "
+        f"{summary['kills_at_start']} before the first step, "
+        f"{summary['kills_between_steps']} between other steps), "
         f"{summary['resumes']} resumes, {summary['wall_s']} s")
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
