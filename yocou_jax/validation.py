@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.train.optimizer import SCHEDULES
 
-SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_MODES = ("skip", "stop")
 
 
@@ -164,8 +164,8 @@ def config_errors(config: Any, *, num_devices: Optional[int] = None, process_cou
       model_cfg.window > config.data.seq_len):
     errors.append(f"config.model.window={model_cfg.window} is invalid: must be <= "
                   f"config.data.seq_len={config.data.seq_len} (a longer window is never trained)")
-  if check_data and ok("data.tfds_name", "data.text_glob") and config.data.tfds_name == "text_files" and (
-      not config.data.text_glob):
+  if (check_data and ok("data.tfds_name", "data.text_glob")
+      and config.data.tfds_name == "text_files" and not config.data.text_glob):
     errors.append("config.data.text_glob=None is invalid: tfds_name='text_files' needs a "
                   "directory or glob of text files")
   if check_data and ok("data.tokenizer"):

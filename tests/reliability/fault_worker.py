@@ -23,7 +23,8 @@ def main(port: str, process_id: str, workdir: str, out_json: str, kill_process: 
                          collective_timeout_s=COLLECTIVE_TIMEOUT_S)
   import jax  # pylint: disable=g-import-not-at-top
 
-  from tests.train.synthetic import synthetic_data, tiny_config  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tests.train.synthetic import synthetic_data, tiny_config
   from yocou_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   config = tiny_config(steps=10, mesh=(2, 2, 1))

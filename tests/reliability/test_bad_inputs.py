@@ -5,7 +5,6 @@ binary's ``main`` under ``absl.app.run`` per case), so the table costs one inter
 """
 
 import json
-import os
 
 import pytest
 

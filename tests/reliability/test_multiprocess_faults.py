@@ -1,21 +1,18 @@
 """Two processes on loopback, one SIGKILLed: the survivor leaves in bounded time naming it, and
 the restarted pair resumes exactly."""
 
+import collections
 import json
 import os
 import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import portpicker
 
 from tests import cpu_env
 from tests.reliability import fault_worker
-from tests.train.synthetic import synthetic_data, tiny_config
 from yocou_jax import distributed
-from yocou_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,12 +46,18 @@ def test_survivor_exits_naming_the_lost_process_and_the_pair_resumes(tmp_path):
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
   resumed = [json.loads((tmp_path / f"second{i}.json").read_text())["losses"] for i in range(2)]
-  assert resumed[0] == resumed[1]
-  steps = sorted(int(s) for s in resumed[0])
-  assert steps[-1] == 10 and steps[0] <= 8  # Resumed from a checkpoint at or before step 7.
-
-  reference = trainer.train(tiny_config(steps=10, mesh=(2, 2, 1)), str(tmp_path / "single"),
-                            data=synthetic_data(), devices=jax.devices()[:4])
-  want = {r["step"]: r["loss"] for r in reference.history if "loss" in r}
-  np.testing.assert_allclose([resumed[0][str(s)] for s in steps], [want[s] for s in steps],
-                             rtol=0, atol=1e-5)
+  assert resumed[0] == resumed[1] and sorted(map(int, resumed[0]))[-1] == 10
+  # metrics.jsonl holds both runs: the steps between the checkpoint the pair resumed from and
+  # the kill were computed twice, and must agree bit for bit; no step is missing.
+  logged = collections.defaultdict(list)
+  for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      logged[record["step"]].append(record["loss"])
+  assert sorted(logged) == list(range(1, 11))
+  recomputed = [s for s, losses in logged.items() if len(losses) == 2]
+  assert recomputed and max(recomputed) == 7, logged  # Resumed from step 5 (or earlier).
+  for step in recomputed:
+    assert logged[step][0] == logged[step][1], (step, logged[step])
+  for step, loss in resumed[0].items():
+    assert loss == logged[int(step)][-1]

@@ -73,7 +73,8 @@ def test_a_save_that_fails_stops_the_run_and_keeps_earlier_checkpoints(run10, tm
   with pytest.raises(checkpoint_lib.CheckpointSaveError) as info:
     trainer.train(config, workdir, data=synthetic_data(), devices=jax.devices()[:1])
   message = str(info.value)
-  assert "No space left on device" in message and message.endswith("intact checkpoint steps: [5]"), message
+  assert "No space left on device" in message, message
+  assert message.endswith("intact checkpoint steps: [5]"), message
   assert "\n" not in message
   monkeypatch.undo()
   # Step 5 is intact and a restarted run from it ends exactly where the uninterrupted one did.

@@ -1,15 +1,18 @@
 """Kill a training run with SIGKILL at chosen moments, restart it until it finishes, compare.
 
 A trial runs the training binary as a child process in a fresh workdir and kills it several
-times: right after start (during start-up and compilation), while an async checkpoint write is
-in flight (an ``*.orbax-checkpoint-tmp*`` directory exists), during the steps that evaluate, or at
-a random moment. After each kill it starts the same command again, which resumes from the newest
-intact checkpoint; the last attempt runs to the end. The trial passes when every loss and
-validation loss it ever logged, and every array of its final checkpoint, are bit-identical to an
-uninterrupted run's.
+times, each kill aimed at one moment: start-up (1-6 s after launch: imports, data pipeline,
+restore, compilation), an async checkpoint write in flight (a new ``*.orbax-checkpoint-tmp*``
+directory), an evaluating step (50-300 ms after the step before it is logged) or a random step.
+After each kill it starts the same command again, which resumes from the newest intact
+checkpoint; the last attempt runs to the end. The trial passes when every loss and validation
+loss it ever logged (recomputed steps included) and every array of its final checkpoint are
+bit-identical to an uninterrupted run's.
 
-The watcher polls the workdir every few milliseconds: ``metrics.jsonl`` (one record per step)
-says which step the child is at, and the checkpoint directory says whether a save is in flight.
+Where a kill landed is read from the workdir after the child is dead: a temporary step
+directory that appeared during the attempt is a torn save; no record logged in the attempt is
+start-up; otherwise the step after the last logged one was running (its train step, and its
+evaluation when it evaluates). The watcher polls every few milliseconds.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Kill:
   after_s: float  # Seconds after the attempt started.
   step: int  # The last step logged before the kill.
   landed: str  # What was really in flight: "save", "eval", "start" or "steps".
+  in_evaluating_step: bool = False  # The running step evaluates (whatever else was in flight).
 
 
 @dataclasses.dataclass
@@ -133,12 +137,12 @@ def kill_policy(mode: str, rng: random.Random, eval_steps: Sequence[int], resume
     return lambda elapsed, w: elapsed >= at
   if mode == "save":  # As soon as an async write is in flight (after a random 0-20 ms).
     return _after_first(lambda w: w.save_in_flight(), rng.uniform(0.0, 0.02))
-  if mode == "eval":  # Once the step before an evaluating step is logged, 0-300 ms later.
+  if mode == "eval":  # Once the step before an evaluating step is logged, 50-300 ms later.
     targets = [s for s in eval_steps if s > resumed_from + 1]
     if not targets:
       return lambda elapsed, w: False
     target = rng.choice(targets)
-    return _after_first(lambda w: w.last_step() >= target - 1, rng.uniform(0.0, 0.3))
+    return _after_first(lambda w: w.last_step() >= target - 1, rng.uniform(0.05, 0.3))
   # A random moment: after a random step of the rest of the run is logged, 0-300 ms later.
   step = rng.randint(resumed_from + 1, max(resumed_from + 1, final_step - 1))
   return _after_first(lambda w: w.last_step() >= step, rng.uniform(0.0, 0.3))
@@ -218,7 +222,8 @@ def run_trial(trial: int, command: Callable[[str], Sequence[str]], env: dict, sc
     if code == -signal.SIGKILL:
       step = watcher.last_step()
       logged = len(_logged_steps(workdir)) > records_before
-      kills.append(Kill(mode, seconds, step, _where_it_landed(watcher, eval_steps, step, logged)))
+      kills.append(Kill(mode, seconds, step, _where_it_landed(watcher, eval_steps, step, logged),
+                        in_evaluating_step=logged and step + 1 in eval_steps))
       continue
     if code != 0:
       raise RuntimeError(f"trial {trial}: attempt {attempts} exited with status {code}; log: "

@@ -9,7 +9,6 @@ import tempfile
 from typing import Any, Mapping, Optional
 
 from yocou_jax.config import ConfigError
-from yocou_jax.validation import NONFINITE_MODES  # pylint: disable=unused-import
 
 # Fields that may change when a run resumes (everything else in these sections may not):
 # implementation choices of the model that leave its parameters and function unchanged, and where
