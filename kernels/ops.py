@@ -213,7 +213,7 @@ def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array, v_
                     *, block_size: int) -> Array:
   """The decode kernel with the signature of ``yocou_jax.inference.attention.
   xla_cache_attention`` (causal: key j visible to a query at position p when j <= p; caches
-  ``[B, K, S, D]``), for ``register_cache_attention("pallas", ops.cache_attention)``.
+  ``[B, K, S, D]``): ``yocou_jax.inference.attention.cache_attention`` with a ``pallas`` impl.
 
   ``block_size`` (the XLA path's key block) is not used: the kernel's blocks are per backend.
   """

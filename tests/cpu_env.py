@@ -4,15 +4,21 @@ import os
 
 
 def subprocess_env(device_count: int, **extra: str) -> dict[str, str]:
-  """The environment for a test's child JAX process: this suite's flags, ``device_count`` CPUs."""
+  """The environment for a test's child JAX process: this suite's flags, ``device_count`` CPUs.
+
+  ``JAX_PLATFORMS=""`` in ``extra`` leaves it unset (the binary picks its platforms itself).
+  """
   xla_flags = " ".join(f for f in os.environ["XLA_FLAGS"].split()
                        if not f.startswith("--xla_force_host_platform_device_count"))
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, **extra,
-              XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={device_count}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+             XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={device_count}")
+  env.update(extra)
+  return {k: v for k, v in env.items() if k != "JAX_PLATFORMS" or v}
 
 
-def run_module(module: str, *args: str, device_count: int = 1, timeout: float = 900):
+def run_module(module: str, *args: str, device_count: int = 1, timeout: float = 900,
+               **extra_env: str):
   """Runs ``python -m module args`` in a child process (its own absl flags); returns the result.
 
   Binaries are tested this way rather than in-process: every experiments binary defines absl
@@ -23,5 +29,5 @@ def run_module(module: str, *args: str, device_count: int = 1, timeout: float = 
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run([sys.executable, "-m", module, *args], cwd=repo,
-                        env=subprocess_env(device_count), capture_output=True, text=True,
-                        timeout=timeout)
+                        env=subprocess_env(device_count, **extra_env), capture_output=True,
+                        text=True, timeout=timeout)

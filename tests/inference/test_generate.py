@@ -38,10 +38,10 @@ def test_greedy_generation_follows_forward_argmax_and_stops():
   assert free.cache_bytes == accounting.kv_cache_bytes(cfg, 17, 2)
 
 
-def _write_run(workdir: str, arch: str = "yocou"):
+def _write_run(workdir: str, arch: str = "yocou", attention_impl: str = "xla"):
   """A checkpoint exactly as the trainer writes it (state, config) plus the byte tokenizer."""
   config = default.get_config()
-  config.model.update(arch=arch, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+  config.model.update(arch=arch, attention_impl=attention_impl, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                       head_dim=8, d_ff=64, vocab_size=384, window=4, num_iterations=2,
                       attention_block_size=64)
   config.data.seq_len = 32
@@ -75,15 +75,19 @@ def test_load_run_and_generate_at_another_depth(tmp_path):
 
 
 def test_generate_binary(tmp_path):
-  # The binary in a child process (absl flags of binaries collide in one process).
+  # The binary in a child process (absl flags of binaries collide in one process), on a run
+  # trained with attention_impl=auto (the TPU/GPU setting), served here through XLA; with
+  # JAX_PLATFORMS unset, as a user runs it: no TPU runtime noise on a host without a TPU.
   workdir = str(tmp_path)
-  trained_cfg, _ = _write_run(workdir)
+  trained_cfg, _ = _write_run(workdir, attention_impl="auto")
   (tmp_path / "prompt.txt").write_text("print(1)\n")
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
                             f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
                             "--num_iterations=3", "--temperature=0.8", "--top_k=20",
-                            "--chunk_size=4", timeout=300)
+                            "--chunk_size=4", timeout=300, JAX_PLATFORMS="")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  for noise in ("Failed to find host bounds", "Source Location Trace", "libtpu"):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
   cfg = trained_cfg.replace(num_iterations=3)
   formula = accounting.kv_cache_bytes(cfg, 10 + 4, 2)  # BOS + "print(1)\n", 4 new tokens.
   assert "checkpoint step 5: yocou, 2 layers, T=3, window 4" in proc.stdout

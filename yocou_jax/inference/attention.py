@@ -15,22 +15,25 @@ is how many tokens each sequence already has in the cache (the chunk's first tok
 position ``lengths_B``), ``counts_B`` how many of the chunk's C tokens are real (right padding).
 Padding queries produce garbage that nothing reads; padding keys are never visible to real ones.
 
-**Kernel hook.** :func:`cache_attention` dispatches on ``impl``: ``"xla"`` is
-:func:`xla_cache_attention`; a Pallas decode kernel registers itself with
-:func:`register_cache_attention` under its ``config.model.attention_impl`` name and receives
-exactly that function's arguments (``kernels.cross_attention.decode_attention`` takes the cache
-as [B, S, K, D]: its adapter passes ``q_positions_BxT=positions`` and the cache swapped to that
-layout, or the kernel reads [B, K, S, D] directly).
+**Kernels.** Both functions take ``impl`` (``config.model.attention_impl``) and resolve it with
+:func:`kernel_impl`: ``pallas``, and ``auto`` on TPU/GPU, run the Pallas kernels of ``kernels/``
+(Mosaic on TPU, Triton on GPU, interpret mode on CPU); ``xla``, ``cudnn`` (no cache kernel) and
+``auto`` on CPU run the XLA code here. So a checkpoint trained with any ``attention_impl`` is
+served on any backend. The kernels:
+
+* the window over a chunk: ``kernels.ops.local_attention`` on the (ring, chunk) run, with the
+  chunk's queries placed at the end of the run and kv segment ids masking empty and padding keys;
+* the window of one decode token: ``kernels.ops.decode_attention`` on the ring itself;
+* the full/global cache, chunk or decode: ``kernels.ops.cache_attention`` (the decode kernel).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from yocou_jax import attention as attention_lib
+from yocou_jax.config import ATTENTION_IMPLS
 
 Array = jax.Array
 
@@ -76,18 +79,30 @@ def heads_first(x_BxCxKxD: Array) -> Array:
   return jnp.swapaxes(x_BxCxKxD, 1, 2)
 
 
+def kernel_impl(impl: str) -> str:
+  """``"pallas"`` when ``attention_impl=impl`` serves through the Pallas kernels here, else
+  ``"xla"`` (``auto`` resolves per backend as in training: pallas on TPU/GPU, xla on CPU)."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not available; allowed: {ATTENTION_IMPLS}")
+  if impl == "xla":
+    return "xla"
+  from kernels import ops  # pylint: disable=g-import-not-at-top  # Pallas loads lazily.
+  return "pallas" if ops.resolve_impl(impl) == "pallas" else "xla"
+
+
 def window_attention(q_BxCxHxD: Array, k_BxKxCxD: Array, v_BxKxCxD: Array, ring_k_BxKxWxD: Array,
                      ring_v_BxKxWxD: Array, lengths_B: Array, counts_B: Array, *, window: int,
-                     block_size: int) -> tuple[Array, Array, Array]:
+                     block_size: int, impl: str = "xla") -> tuple[Array, Array, Array]:
   """Sliding-window attention of the chunk to (ring buffer, chunk); returns (out, ring k, ring v).
 
   The ring is unrolled into position order and the chunk appended, giving a contiguous run of
   keys at positions ``lengths - W' + j``. Query sub-blocks of ``block_size`` then each read the
   W' + block keys before and inside them, so the work is C * (W' + block), not C * (W' + C).
   """
+  use_kernel = kernel_impl(impl) == "pallas"
   if q_BxCxHxD.shape[1] == 1:
     return _window_decode(q_BxCxHxD, k_BxKxCxD, v_BxKxCxD, ring_k_BxKxWxD, ring_v_BxKxWxD,
-                          lengths_B, counts_B)
+                          lengths_B, counts_B, use_kernel)
   c, w = q_BxCxHxD.shape[1], ring_k_BxKxWxD.shape[2]
   j_1xR = jnp.arange(w + c)[None, :]
   # Key j of the unrolled run: position lengths - W' + j; real if >= 0 and not chunk padding.
@@ -98,13 +113,33 @@ def window_attention(q_BxCxHxD: Array, k_BxKxCxD: Array, v_BxKxCxD: Array, ring_
     return jnp.concatenate([jnp.take_along_axis(ring, unroll_Bx1xWx1, axis=2), new], axis=2)
 
   k_run, v_run = run(ring_k_BxKxWxD, k_BxKxCxD), run(ring_v_BxKxWxD, v_BxKxCxD)
-  out = _blocked_window(q_BxCxHxD, k_run, v_run, key_valid_BxR, w, window, block_size)
+  if use_kernel:
+    out = _kernel_window(q_BxCxHxD, k_run, v_run, key_valid_BxR, window)
+  else:
+    out = _blocked_window(q_BxCxHxD, k_run, v_run, key_valid_BxR, w, window, block_size)
   # New slot s holds position p = n' - 1 - ((n' - 1 - s) mod W'), run index W' + p - lengths.
   new_len = lengths_B + counts_B
   pos_BxW = new_len[:, None] - 1 - (new_len[:, None] - 1 - jnp.arange(w)[None, :]) % w
   src_Bx1xWx1 = (w + pos_BxW - lengths_B[:, None])[:, None, :, None]
   return (out, jnp.take_along_axis(k_run, src_Bx1xWx1, axis=2),
           jnp.take_along_axis(v_run, src_Bx1xWx1, axis=2))
+
+
+def _kernel_window(q_BxCxHxD, k_BxKxRxD, v_BxKxRxD, key_valid_BxR, window: int) -> Array:
+  """The local-window kernel over the run: query i of the chunk is run query W' + i.
+
+  The W' run queries before the chunk are zeros whose outputs are dropped; keys that are empty
+  ring slots or chunk padding get kv segment 0, every query segment 1, so no real query sees them
+  (a real query always sees itself).
+  """
+  from kernels import ops  # pylint: disable=g-import-not-at-top
+  b, c = q_BxCxHxD.shape[:2]
+  w = k_BxKxRxD.shape[2] - c
+  q_run = jnp.pad(q_BxCxHxD, ((0, 0), (w, 0), (0, 0), (0, 0)))
+  out = ops.local_attention(q_run, heads_first(k_BxKxRxD), heads_first(v_BxKxRxD), window=window,
+                            segment_ids=jnp.ones((b, w + c), jnp.int32),
+                            kv_segment_ids=key_valid_BxR.astype(jnp.int32))
+  return out[:, w:]
 
 
 def _blocked_window(q_BxCxHxD, k_BxKxRxD, v_BxKxRxD, key_valid_BxR, w: int, window: int,
@@ -131,7 +166,7 @@ def _blocked_window(q_BxCxHxD, k_BxKxRxD, v_BxKxRxD, key_valid_BxR, w: int, wind
 
 
 def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxWxD, lengths_B,
-                   counts_B):
+                   counts_B, use_kernel: bool):
   """One token: write it into slot ``n % W'``, then attend to the ring's non-empty slots.
 
   After the write the ring holds exactly positions (n - W', n]: the window of the new token.
@@ -145,6 +180,11 @@ def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxW
     return ring.at[rows, :, slot_B].set(jnp.where(write_Bx1x1, new[:, :, 0], old_BxKxD))
 
   ring_k, ring_v = put(ring_k_BxKxWxD, k_BxKx1xD), put(ring_v_BxKxWxD, v_BxKx1xD)
+  if use_kernel:  # Slot s is visible when s <= min(n, W' - 1): the filled ones.
+    from kernels import ops  # pylint: disable=g-import-not-at-top
+    out = ops.decode_attention(q_Bx1xHxD, ring_k, ring_v, cache_layout="BKSD",
+                               q_positions_BxT=jnp.minimum(lengths_B, w - 1)[:, None])
+    return out.astype(q_Bx1xHxD.dtype), ring_k, ring_v
   q = _fold(q_Bx1xHxD, kv_heads)
   filled_BxW = jnp.arange(w)[None, :] <= lengths_B[:, None]  # Slot s is empty while s > n.
   mask = jnp.broadcast_to(filled_BxW[:, None, :], (b, q.shape[2], w))
@@ -193,20 +233,12 @@ def xla_cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array
   return _unfold(out, c).astype(q_BxCxHxD.dtype)
 
 
-CacheAttention = Callable[..., Array]
-_CACHE_ATTENTION: dict[str, CacheAttention] = {"xla": xla_cache_attention}
-
-
-def register_cache_attention(impl: str, fn: CacheAttention) -> None:
-  """Makes ``fn`` (signature of :func:`xla_cache_attention`) the cache attention of ``impl``."""
-  _CACHE_ATTENTION[impl] = fn
-
-
 def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array, v_BxKxSxD: Array,
                     *, block_size: int, impl: str = "xla") -> Array:
   """The dispatch point of every cached full/global attention (see the module docstring)."""
-  if impl not in _CACHE_ATTENTION:
-    raise ValueError(f"no cache attention registered for attention_impl={impl!r}; "
-                     f"registered: {sorted(_CACHE_ATTENTION)}")
-  return _CACHE_ATTENTION[impl](q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD,
-                                block_size=block_size)
+  if kernel_impl(impl) == "pallas":
+    from kernels import ops  # pylint: disable=g-import-not-at-top
+    return ops.cache_attention(q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD,
+                               block_size=block_size).astype(q_BxCxHxD.dtype)
+  return xla_cache_attention(q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD,
+                             block_size=block_size)

@@ -120,7 +120,8 @@ def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, rings: list, 
     q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD), positions_BxC)
     out, ring_k, ring_v = attn_lib.window_attention(
         q, attn_lib.heads_first(k), attn_lib.heads_first(v), ring["k"], ring["v"], lengths_B,
-        counts_B, window=cfg.window, block_size=opts.window_block)
+        counts_B, window=cfg.window, block_size=opts.window_block,
+        impl=cfg.attention_impl)
     x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
     updated.append({"k": ring_k, "v": ring_v})
   return x_BxCxD, updated
