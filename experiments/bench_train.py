@@ -127,7 +127,9 @@ class TrainStepTimer:
     return {"arch": label, "step_time_s": step_time, "step_times_s": self.times,
             "train_flops_per_step": flops, "tokens_per_sec": self.batch * self.seq_len / step_time,
             "flops_per_sec": flops / step_time, "warmup_s": self.warmup_s,
-            "loss": float(self.metrics["loss"])}
+            "loss": float(self.metrics["loss"]),
+            **({"moe_dropped_fraction": float(self.metrics["moe_dropped_fraction"])}
+               if self.cfg.ffn == "moe" else {})}
 
 
 def time_train_steps(configs) -> list[dict]:
@@ -185,7 +187,8 @@ def main(argv):
     result["moe_over_dense"] = {
         arch: {"time_ratio": by_arch[f"{arch}-moe"]["step_time_s"] / by_arch[arch]["step_time_s"],
                "active_flops_ratio": (by_arch[f"{arch}-moe"]["train_flops_per_step"]
-                                      / by_arch[arch]["train_flops_per_step"])}
+                                      / by_arch[arch]["train_flops_per_step"]),
+               "dropped_fraction": by_arch[f"{arch}-moe"]["moe_dropped_fraction"]}
         for arch in _ARCHS.value}
     result["moe"] = {"num_experts": _NUM_EXPERTS.value,
                      "experts_per_token": _EXPERTS_PER_TOKEN.value, "num_shared_experts": 1,
@@ -211,7 +214,8 @@ def main(argv):
           f"{'yes' if abs(g['relative_gap']) <= 0.10 else 'NO'})")
   for arch, g in result.get("moe_over_dense", {}).items():
     print(f"{arch}-moe/{arch}: time x{g['time_ratio']:.3f} at active FLOPs "
-          f"x{g['active_flops_ratio']:.3f} (target <= {MOE_TARGET}x: "
+          f"x{g['active_flops_ratio']:.3f}, {100 * g['dropped_fraction']:.1f}% of routed pairs "
+          f"dropped (target <= {MOE_TARGET}x: "
           f"{'yes' if g['time_ratio'] <= MOE_TARGET else 'NO'})")
   p = result["pipeline"]
   print(f"pipeline: {p['tokens_per_sec']:,.0f} tokens/s = {p['headroom']:.1f}x the fastest "
