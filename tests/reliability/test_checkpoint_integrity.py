@@ -128,3 +128,23 @@ def test_check_checkpoints_binary_lists_each_step(run10_copy, tmp_path):
   assert missing.returncode == 1
   assert missing.stderr.strip().splitlines()[-1] == (
       f"error: --workdir={tmp_path / 'nope'} holds no checkpoints/ directory")
+
+
+def test_an_intact_checkpoint_that_does_not_fit_is_refused_not_moved(run10_copy):
+  """A state of another structure (here: another optimizer) is no reason to drop a checkpoint."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from yocou_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from yocou_jax.model import Model  # pylint: disable=g-import-not-at-top
+  from yocou_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from yocou_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config(steps=10)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  model = Model(trainer.ModelConfig.from_config(config.model))
+  abstract, shardings = step_lib.state_shardings(model, optax.sgd(0.1), mesh, 32)
+  ckpt = checkpoint_lib.Checkpointer(run10_copy, keep=10)
+  with pytest.raises(ConfigError, match="checkpoint step 10 in .* is intact but does not "
+                     "restore into this run's state"):
+    ckpt.restore_latest(checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  assert ckpt.all_steps() == [5, 10]
+  assert not os.path.exists(os.path.join(run10_copy, checkpoint_lib.QUARANTINE_DIR))

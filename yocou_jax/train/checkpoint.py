@@ -138,7 +138,11 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except
           if jax.process_count() > 1:  # The processes must agree; no silent per-host fallback.
             raise
-          reason = f"restore failed ({type(e).__name__}: {integrity.first_line(e)})"
+          reason = integrity.read_step(self.step_dir(step))
+          if reason is None:  # Whole on disk: it is this run's state that does not fit it.
+            raise ConfigError(
+                f"checkpoint step {step} in {self.directory} is intact but does not restore "
+                f"into this run's state ({type(e).__name__}: {integrity.first_line(e)})") from e
       logging.warning("checkpoint step %d in %s is bad: %s; falling back to an older step",
                       step, self.directory, reason)
       bad.append(step)
