@@ -2,7 +2,6 @@
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 
@@ -86,7 +85,9 @@ def test_micro_sweep_commands_skip_resume_and_refusal(tmp_path):
   assert steps_logged(second)[-1] == STEPS
   with open(os.path.join(second, "train.log"), encoding="utf-8") as f:
     train_log = f.read()
-  assert train_log.startswith(f"$ {lines[1]}\n") and "resumed from step 3" in train_log
+  # The runner ran the printed command (with its own interpreter for "python").
+  assert train_log.startswith(f"$ {sys.executable} {lines[1].split(' ', 1)[1]}\n")
+  assert "resumed from step 3" in train_log
   with open(os.path.join(workdir, sweeps.SWEEP_JSON), encoding="utf-8") as f:
     recorded = json.load(f)
   assert [p["status"] for p in recorded["points"]] == ["done", "done"]
@@ -124,4 +125,3 @@ def test_list_plans_budgets_and_bad_names(tmp_path):
                               "--list")
   assert listed.returncode == 0, listed.stderr[-3000:]
   assert "yocou_s8_T3_S20k" in listed.stdout and "20000" in listed.stdout
-  del shlex

@@ -73,6 +73,7 @@ def plot_law(rows: Sequence[dict], fits: dict[str, analysis.ArchFits], law: str,
   if comparison is not None and law == "tokens" and "token_reference_loss" in comparison:
     ax.axhline(comparison["token_reference_loss"], color="gray", linestyle=":", linewidth=1)
   ax.set_xscale("log")
+  ax.xaxis.set_minor_formatter(plt.NullFormatter())  # No crowded minor labels.
   ax.set_xlabel(_LABELS[law])
   ax.set_ylabel("validation loss (nats/token)")
   ax.grid(alpha=0.3, which="both")
@@ -104,6 +105,7 @@ def plot_loop(rows: Sequence[dict], table: Sequence[dict], path: str) -> bool:
   left.grid(alpha=0.3)
   left.legend(fontsize=7)
   right.set_xscale("log")
+  right.xaxis.set_minor_formatter(plt.NullFormatter())
   right.set_xlabel("training FLOPs")
   right.set_ylabel("validation loss")
   right.grid(alpha=0.3, which="both")
