@@ -2,12 +2,16 @@ r"""Generates continuations from the latest checkpoint of a training run.
 
   python -m experiments.generate --workdir=runs/default --prompt="def " --prompt="import os"
   python -m experiments.generate --workdir=runs/default --prompt_file=prompt.txt \
-      --temperature=0.8 --top_p=0.95 --num_iterations=6
+      --temperature=0.7 --top_p=0.9 --seed=3 --num_iterations=6
 
 Loads ``workdir/checkpoints/<latest>/{config,state}`` and the tokenizer saved in
 ``workdir/tokenizer``, prefills every prompt (one batch, mixed lengths) in chunks, decodes with
-the K/V cache and prints each continuation, then the prefill and decode throughput and the
-cache bytes (live arrays, and ``accounting.kv_cache_bytes`` for the same length).
+the K/V cache and prints each prompt's greedy continuation beside a seeded sampled one
+(``--temperature``, ``--top_k``, ``--top_p``, ``--seed``; ``--temperature=0``: greedy only), then
+the prefill and decode throughput of the last generation and the cache bytes (live arrays, and
+``accounting.kv_cache_bytes`` for the same length). A checkpoint trained with any
+``attention_impl`` is served on any backend (``auto`` and ``pallas`` use the Pallas kernels on
+TPU and GPU; ``auto`` uses XLA on CPU).
 ``--num_iterations`` runs a looped model at another depth than it was trained with.
 """
 
@@ -21,9 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (require
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file whose whole text is one prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.8, "Temperature of the sampled continuation (0: greedy only).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling PRNG seed.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 0, "Loop count T at inference (0: trained).")
 _CHUNK = flags.DEFINE_integer(
@@ -71,14 +76,20 @@ def main(argv):
     run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
   except (ValueError, OSError) as e:  # Bad flags, workdir or checkpoint: one line, no traceback.
     raise SystemExit(f"error: {e}") from None
-  continuations, result = text.generate(run, prompts, _MAX_NEW.value, sampling=sampling,
-                                        seed=_SEED.value, chunk_size=_CHUNK.value,
-                                        warmup=_WARMUP.value)
+  settings = [sampling_lib.SamplingConfig()] + ([sampling] if sampling.temperature > 0 else [])
+  outputs = []
+  for setting in settings:
+    continuations, result = text.generate(run, prompts, _MAX_NEW.value, sampling=setting,
+                                          seed=_SEED.value, chunk_size=_CHUNK.value,
+                                          warmup=_WARMUP.value)
+    outputs.append((setting.describe(_SEED.value), continuations))
   cfg = run.model_cfg
   print(f"checkpoint step {run.step}: {cfg.arch}, {cfg.num_layers} layers, "
         f"T={cfg.iterations}, window {cfg.window}")
-  for prompt, continuation in zip(prompts, continuations):
-    print(f"\n--- prompt: {prompt!r}\n{prompt}{continuation}")
+  for i, prompt in enumerate(prompts):
+    print(f"\n--- prompt: {prompt!r}")
+    for label, continuations in outputs:
+      print(f"[{label}]\n{prompt}{continuations[i]}")
   formula = accounting.kv_cache_bytes(cfg, result.max_len, len(prompts))
   print(f"\nprefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
         f"({result.prefill_tokens_per_sec:,.0f} tokens/s)")

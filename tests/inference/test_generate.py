@@ -9,6 +9,7 @@ from yocou_jax import accounting
 from yocou_jax.config import ModelConfig
 from yocou_jax.data import tokenizers
 from yocou_jax.inference import engine as engine_lib
+from yocou_jax.inference import sampling as sampling_lib
 from yocou_jax.inference import text
 from yocou_jax.train import checkpoint as ckpt_lib
 from yocou_jax.train import optimizer as optimizer_lib
@@ -92,5 +93,11 @@ def test_generate_binary(tmp_path):
   formula = accounting.kv_cache_bytes(cfg, 10 + 4, 2)  # BOS + "print(1)\n", 4 new tokens.
   assert "checkpoint step 5: yocou, 2 layers, T=3, window 4" in proc.stdout
   assert "--- prompt: 'ab'" in proc.stdout and "--- prompt: 'print(1)\\n'" in proc.stdout
+  # The greedy continuation beside the seeded sampled one, each as the library generates it.
+  run = text.load_run(workdir, num_iterations=3)
+  for sampling in (sampling_lib.SamplingConfig(), sampling_lib.SamplingConfig(0.8, 20, 0.95)):
+    (want, _), _ = text.generate(run, ["ab", "print(1)\n"], 4, sampling=sampling, chunk_size=4,
+                                 warmup=False)
+    assert f"[{sampling.describe(seed=0)}]\nab{want}\n" in proc.stdout, repr(proc.stdout)
   assert f"{formula:,} bytes for 2 x 14 tokens (accounting.kv_cache_bytes: {formula:,})" in (
       proc.stdout)
