@@ -17,13 +17,20 @@ TPU and GPU; ``auto`` uses XLA on CPU).
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (required).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for a batch).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file whose whole text is one prompt.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, "Many prompts: one per line, or JSONL ({'prompt', 'max_new_tokens'}).")
+_ROWS = flags.DEFINE_integer(
+    "rows", 0, "Continuous batching through this many cache rows (0: all prompts in one batch).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "With --rows: write one JSON line per request.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.8, "Temperature of the sampled continuation (0: greedy only).")
@@ -37,6 +44,51 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile first, so the reported speeds exclude it.")
 
 
+def _read_prompts(path: str) -> list[tuple[str, int]]:
+  """(prompt, max_new_tokens) per line of ``path`` (see the module docstring)."""
+  if not os.path.isfile(path):
+    raise ValueError(f"--prompts_file={path} does not exist")
+  prompts = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      if not path.endswith(".jsonl"):
+        prompts.append((line.rstrip("\n"), _MAX_NEW.value))
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"--prompts_file={path} line {n}: not JSON ({e.msg})") from None
+      budget = record.get("max_new_tokens", _MAX_NEW.value) if isinstance(record, dict) else None
+      if (not isinstance(record, dict) or not isinstance(record.get("prompt"), str)
+          or not isinstance(budget, int) or budget <= 0):
+        raise ValueError(f"--prompts_file={path} line {n}: expected an object with a string "
+                         f"'prompt' and optionally a positive integer 'max_new_tokens'")
+      prompts.append((record["prompt"], budget))
+  return prompts
+
+
+def _serve(text, run, prompts, sampling) -> None:
+  """Continuous batching through --rows rows; prints (and with --json_out writes) each request."""
+  start, records = time.perf_counter(), []
+  texts, budgets = [p for p, _ in prompts], [n for _, n in prompts]
+  for i, continuation in text.serve(run, texts, budgets, rows=_ROWS.value, sampling=sampling,
+                                    seed=_SEED.value, chunk_size=_CHUNK.value):
+    print(f"\n--- request {i} [{sampling.describe(_SEED.value)}]: {texts[i]!r}\n"
+          f"{texts[i]}{continuation}", flush=True)
+    records.append({"index": i, "prompt": texts[i], "continuation": continuation})
+  print(f"\n{len(prompts)} requests through {_ROWS.value} rows in "
+        f"{time.perf_counter() - start:.3f} s (compilation included)")
+  if _JSON_OUT.value:
+    tmp = _JSON_OUT.value + ".tmp"  # Written whole, then renamed: never a half-written file.
+    with open(tmp, "w") as f:
+      for record in sorted(records, key=lambda r: r["index"]):
+        f.write(json.dumps(record) + "\n")
+    os.replace(tmp, _JSON_OUT.value)
+    print(f"wrote {_JSON_OUT.value}")
+
+
 def _prompts_and_sampling(sampling_lib):
   """The prompts and sampling settings from the flags; ValueError names a bad one."""
   if not os.path.isdir(_WORKDIR.value):
@@ -47,14 +99,22 @@ def _prompts_and_sampling(sampling_lib):
     raise ValueError(f"--num_iterations={_ITERATIONS.value} must be >= 0 (0: as trained)")
   if _CHUNK.value is not None and _CHUNK.value <= 0:
     raise ValueError(f"--chunk_size={_CHUNK.value} must be a positive integer")
-  prompts = list(_PROMPT.value)
+  if _ROWS.value < 0:
+    raise ValueError(f"--rows={_ROWS.value} must be >= 0 (0: one batch)")
+  if _JSON_OUT.value and not _ROWS.value:
+    raise ValueError("--json_out needs --rows (continuous batching)")
+  prompts = [(p, _MAX_NEW.value) for p in _PROMPT.value]
   if _PROMPT_FILE.value:
     if not os.path.isfile(_PROMPT_FILE.value):
       raise ValueError(f"--prompt_file={_PROMPT_FILE.value} does not exist")
     with open(_PROMPT_FILE.value) as f:
-      prompts.append(f.read())
+      prompts.append((f.read(), _MAX_NEW.value))
+  if _PROMPTS_FILE.value:
+    prompts += _read_prompts(_PROMPTS_FILE.value)
   if not prompts:
-    raise ValueError("give --prompt (one or more) or --prompt_file")
+    raise ValueError("give --prompt (one or more), --prompt_file or --prompts_file")
+  if not _ROWS.value and any(n != _MAX_NEW.value for _, n in prompts):
+    raise ValueError("per-request max_new_tokens in --prompts_file needs --rows")
   try:
     sampling = sampling_lib.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   except ValueError as e:
@@ -76,6 +136,10 @@ def main(argv):
     run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
   except (ValueError, OSError) as e:  # Bad flags, workdir or checkpoint: one line, no traceback.
     raise SystemExit(f"error: {e}") from None
+  if _ROWS.value:
+    _serve(text, run, prompts, sampling)
+    return
+  prompts = [p for p, _ in prompts]
   settings = [sampling_lib.SamplingConfig()] + ([sampling] if sampling.temperature > 0 else [])
   outputs = []
   for setting in settings:

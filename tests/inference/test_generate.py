@@ -1,5 +1,7 @@
 """Generation: stop tokens, greedy = the full forward's argmax chain, and the generate binary."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,30 @@ def test_generate_binary(tmp_path):
     assert f"[{sampling.describe(seed=0)}]\nab{want}\n" in proc.stdout, repr(proc.stdout)
   assert f"{formula:,} bytes for 2 x 14 tokens (accounting.kv_cache_bytes: {formula:,})" in (
       proc.stdout)
+
+
+def test_generate_binary_serves_a_prompts_file(tmp_path):
+  # A JSONL file of prompts with their own budgets through 2 rows (continuous batching), greedy:
+  # each continuation is the library's for that prompt alone; the JSON lines come in order.
+  workdir = str(tmp_path / "run")
+  _write_run(workdir)
+  prompts = [("def f", 5), ("x", 2), ("import os\n", 4)]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n"
+                          for p, n in prompts) + "\n")
+  out = tmp_path / "out.jsonl"
+  proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}",
+                            f"--prompts_file={path}", "--rows=2", "--temperature=0",
+                            "--chunk_size=4", f"--json_out={out}", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "3 requests through 2 rows" in proc.stdout
+  run = text.load_run(workdir)
+  want = [text.generate(run, [p], n, chunk_size=4, warmup=False)[0][0] for p, n in prompts]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert records == [{"index": i, "prompt": p, "continuation": c}
+                     for i, ((p, _), c) in enumerate(zip(prompts, want))]
+  bad = cpu_env.run_module("experiments.generate", f"--workdir={workdir}",
+                           f"--prompts_file={path}", timeout=300)
+  assert bad.returncode != 0
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "error: per-request max_new_tokens in --prompts_file needs --rows")
