@@ -1,4 +1,4 @@
-"""End-of-run reporting for experiment binaries: loss-curve plot, greedy and sampled text, a summary."""
+"""End-of-run reporting of experiment binaries: loss curve, greedy and sampled text, a summary."""
 
 from __future__ import annotations
 

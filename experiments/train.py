@@ -27,7 +27,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Length of the final samples (0: none).")
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Final samples' length (0: none).")
 _SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final samples.")
 _SAMPLE_TEMPERATURE = flags.DEFINE_float(
     "sample_temperature", 0.8, "Temperature of the sampled sample (0: greedy only).")

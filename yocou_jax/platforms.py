@@ -6,8 +6,9 @@ host for a TPU and prints its initialisation errors (``Failed to find host bound
 type``, ``=== Source Location Trace: ===``) before falling back to CPU. :func:`select` makes that
 choice up front from the devices the host has: CPU alone when it has neither a TPU chip nor a
 GPU; nothing changes when ``JAX_PLATFORMS`` is set or an accelerator is present (and the
-setting has no effect once the backends are up). AOT TPU compiles are unaffected: ``jax.experimental.topologies`` loads libtpu by
-itself whatever the platforms (``yocou_jax.aot`` runs with ``JAX_PLATFORMS=cpu``).
+setting has no effect once the backends are up). AOT TPU compiles are unaffected:
+``jax.experimental.topologies`` loads libtpu by itself whatever the platforms (``yocou_jax.aot``
+runs with ``JAX_PLATFORMS=cpu``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import pytest
 
 from yocou_jax.inference import attention as attn_lib
 from yocou_jax.inference import engine as engine_lib
+from yocou_jax.inference import text
 from tests.inference import reference as ref_lib
 
 ATOL = 1e-5
@@ -50,10 +51,8 @@ def test_kernel_impl_per_backend():
 def test_run_trained_with_kernels_generates_as_xla(tmp_path, attention_impl):
   # A checkpoint trained with a kernel attention_impl loads and generates (greedy) the same
   # continuations as the same params served through XLA.
-  from tests.inference import test_generate  # pylint: disable=g-import-not-at-top
-  from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path)
-  test_generate._write_run(workdir, attention_impl=attention_impl)  # pylint: disable=protected-access
+  ref_lib.write_run(workdir, attention_impl=attention_impl)
   run = text.load_run(workdir)
   assert run.model_cfg.attention_impl == attention_impl
   got, result = text.generate(run, ["ab", "hello"], 4, chunk_size=4, warmup=False)

@@ -3,19 +3,14 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments.configs import default
 from yocou_jax import accounting
 from yocou_jax.config import ModelConfig
 from yocou_jax.data import tokenizers
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.inference import sampling as sampling_lib
 from yocou_jax.inference import text
-from yocou_jax.train import checkpoint as ckpt_lib
-from yocou_jax.train import optimizer as optimizer_lib
-from yocou_jax.train import step as step_lib
 from tests import cpu_env
 from tests.inference import reference as ref_lib
 
@@ -41,30 +36,10 @@ def test_greedy_generation_follows_forward_argmax_and_stops():
   assert free.cache_bytes == accounting.kv_cache_bytes(cfg, 17, 2)
 
 
-def _write_run(workdir: str, arch: str = "yocou", attention_impl: str = "xla"):
-  """A checkpoint exactly as the trainer writes it (state, config) plus the byte tokenizer."""
-  config = default.get_config()
-  config.model.update(arch=arch, attention_impl=attention_impl, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                      head_dim=8, d_ff=64, vocab_size=384, window=4, num_iterations=2,
-                      attention_block_size=64)
-  config.data.seq_len = 32
-  cfg = ModelConfig.from_config(config.model)
-  params = jax.tree.map(jnp.asarray, ref_lib.random_params(cfg, seed=11, std=0.3))
-  tx = optimizer_lib.make_optimizer(config.train)
-  state = step_lib.TrainState(step=jnp.asarray(5, jnp.int32), params=params,
-                              opt_state=tx.init(params))
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=2, use_async=False)
-  checkpointer.save(5, state, config=config.to_dict())
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  tokenizers.ByteTokenizer().save(f"{workdir}/tokenizer")
-  return cfg, params
-
-
 def test_load_run_and_generate_at_another_depth(tmp_path):
   # A T = 2 checkpoint loaded at T = 3 (test-time depth); greedy continuations stop at EOS.
   workdir = str(tmp_path)
-  trained_cfg, params = _write_run(workdir)
+  trained_cfg, params = ref_lib.write_run(workdir)
   run = text.load_run(workdir, num_iterations=3)
   assert run.step == 5 and run.model_cfg == trained_cfg.replace(num_iterations=3)
   jax.tree.map(np.testing.assert_array_equal, run.params, params)
@@ -82,7 +57,7 @@ def test_generate_binary(tmp_path):
   # trained with attention_impl=auto (the TPU/GPU setting), served here through XLA; with
   # JAX_PLATFORMS unset, as a user runs it: no TPU runtime noise on a host without a TPU.
   workdir = str(tmp_path)
-  trained_cfg, _ = _write_run(workdir, attention_impl="auto")
+  trained_cfg, _ = ref_lib.write_run(workdir, attention_impl="auto")
   (tmp_path / "prompt.txt").write_text("print(1)\n")
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
                             f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
@@ -109,7 +84,7 @@ def test_generate_binary_serves_a_prompts_file(tmp_path):
   # A JSONL file of prompts with their own budgets through 2 rows (continuous batching), greedy:
   # each continuation is the library's for that prompt alone; the JSON lines come in order.
   workdir = str(tmp_path / "run")
-  _write_run(workdir)
+  ref_lib.write_run(workdir)
   prompts = [("def f", 5), ("x", 2), ("import os\n", 4)]
   path = tmp_path / "prompts.jsonl"
   path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n"
