@@ -3,7 +3,8 @@
 :func:`stream` keeps ``rows`` sequences in one :class:`~yocou_jax.inference.engine.DecodeState`
 and decodes them together, one token per row per step. When a request ends (a stop token or its
 ``max_new_tokens``) its row takes the next waiting request at once: the new prompt is prefilled
-alone (batch 1, the engine's chunked prefill) and its cache copied into that row, so a batch is
+alone (batch 1, the engine's chunked prefill, its width padded to a power of two or a chunk
+multiple so that few shapes compile) and its cache copied into that row, so a batch is
 never held by its longest member. Resetting a row needs nothing more: every cache read is bounded
 by the row's own length (ring slots past it are empty, buffer positions past it invisible and
 overwritten before they are read).
@@ -43,6 +44,14 @@ class Token:
   request: int
   token: int
   done: bool
+
+
+def _bucket(length: int, chunk: int) -> int:
+  """The padded prompt width: a power of two up to ``chunk``, then a multiple of it, so the
+  prefill compiles for a few shapes rather than for every prompt length."""
+  if length >= chunk:
+    return -(-length // chunk) * chunk
+  return min(chunk, 1 << (length - 1).bit_length())
 
 
 def _keys(rng: Array, requests_B: Array, steps_B: Array) -> Array:
@@ -117,7 +126,9 @@ def stream(engine: engine_lib.Engine, params, requests: Sequence[Request], *, ro
       if not waiting:
         break
       i, request = waiting.popleft()
-      logits_1xV, one = engine.prefill(params, np.asarray([request.prompt], np.int32),
+      prompt_1xP = np.zeros((1, _bucket(len(request.prompt), engine.opts.chunk_size)), np.int32)
+      prompt_1xP[0, :len(request.prompt)] = request.prompt
+      logits_1xV, one = engine.prefill(params, prompt_1xP,
                                        np.asarray([len(request.prompt)], np.int32), max_len)
       with engine.scope():
         state = _jit_insert(state, one, jnp.int32(row))
