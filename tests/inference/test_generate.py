@@ -55,14 +55,16 @@ def test_load_run_and_generate_at_another_depth(tmp_path):
 def test_generate_binary(tmp_path):
   # The binary in a child process (absl flags of binaries collide in one process), on a run
   # trained with attention_impl=auto (the TPU/GPU setting), served here through XLA; with
-  # JAX_PLATFORMS unset, as a user runs it: no TPU runtime noise on a host without a TPU.
+  # JAX_PLATFORMS (and what this process's yocou_jax.platforms.select set) unset, as a user
+  # runs it: no TPU runtime noise on a host without a TPU.
   workdir = str(tmp_path)
   trained_cfg, _ = ref_lib.write_run(workdir, attention_impl="auto")
   (tmp_path / "prompt.txt").write_text("print(1)\n")
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
                             f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
                             "--num_iterations=3", "--temperature=0.8", "--top_k=20",
-                            "--chunk_size=4", timeout=300, JAX_PLATFORMS="")
+                            "--chunk_size=4", timeout=300, JAX_PLATFORMS="",
+                            TPU_WORKER_HOSTNAMES="", TPU_HOST_BOUNDS="")
   assert proc.returncode == 0, proc.stderr[-3000:]
   for noise in ("Failed to find host bounds", "Source Location Trace", "libtpu"):
     assert noise not in proc.stderr, proc.stderr[-3000:]
