@@ -1,16 +1,12 @@
-"""End-of-run reporting for experiment binaries: loss-curve plot, a greedy sample, a summary."""
+"""End-of-run reporting of experiment binaries: loss curve, greedy and sampled text, a summary."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from yocou_jax.config import ModelConfig
-from yocou_jax.model import Model
 from yocou_jax.train import metrics as metrics_lib
 
 
@@ -46,26 +42,24 @@ def plot_loss_curve(workdir: str, path: str) -> bool:
   return True
 
 
-def greedy_sample(model_cfg: ModelConfig, params: Any, prompt_ids: list[int],
-                  num_tokens: int) -> list[int]:
-  """Greedy continuation by re-running the full forward (fixed shape, one compile).
+def print_samples(run, prompt: str, num_tokens: int, sampled, seed: int) -> None:
+  """Prints the greedy continuation of ``prompt`` and, unless ``sampled`` (a ``SamplingConfig``)
+  is greedy, a seeded sampled one; cached decoding of ``run`` (a ``text.Run``), stopping at EOS."""
+  from yocou_jax.inference import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
 
-  Quadratic in the length, fine for a short sample after training; the inference module
-  provides cached decoding.
-  """
-  params = jax.device_get(params)
-  total = len(prompt_ids) + num_tokens
-  tokens = np.zeros((1, total), np.int32)
-  tokens[0, : len(prompt_ids)] = prompt_ids
-  forward = jax.jit(lambda p, t: Model(model_cfg).apply({"params": p}, t))
-  for pos in range(len(prompt_ids), total):
-    logits = forward(params, jnp.asarray(tokens))
-    tokens[0, pos] = int(jnp.argmax(logits[0, pos - 1]))
-  return tokens[0, len(prompt_ids):].tolist()
+  settings = [sampling_lib.SamplingConfig()] + ([sampled] if sampled.temperature > 0 else [])
+  for sampling in settings:
+    (continuation,), _ = text.generate(run, [prompt], num_tokens, sampling=sampling, seed=seed,
+                                       warmup=False)
+    print(f"{sampling.describe(seed)} sample ({num_tokens} tokens):\n{prompt}{continuation}")
 
 
-def summarize_run(config, workdir: str, result, *, sample_prompt: str, sample_tokens: int):
-  """Prints the run's first/last losses, writes loss_curve.png and prints a greedy sample."""
+def summarize_run(config, workdir: str, result, *, sample_prompt: str, sample_tokens: int,
+                  sampling=None, sample_seed: int = 0):
+  """Prints the run's first/last losses, writes loss_curve.png and prints a greedy and a
+  sampled continuation of ``sample_prompt`` (``sampling``: a ``SamplingConfig``, None: greedy
+  only)."""
   trained = [r for r in result.history if "loss" in r]
   if trained:
     last = trained[-1]
@@ -81,10 +75,12 @@ def summarize_run(config, workdir: str, result, *, sample_prompt: str, sample_to
     print(f"loss curve: {curve}")
   if sample_tokens > 0:
     from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    from yocou_jax.inference import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+    from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
 
     tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, "tokenizer"))
-    model_cfg = ModelConfig.from_config(config.model)
-    prompt = tokenizer.encode(sample_prompt)
-    prompt = [tokenizer.bos_id] + prompt if tokenizer.bos_id is not None else prompt
-    out = greedy_sample(model_cfg, result.state.params, prompt, sample_tokens)
-    print(f"greedy sample ({sample_tokens} tokens):\n{sample_prompt}{tokenizer.decode(out)}")
+    params = jax.device_put(jax.device_get(result.state.params))  # Off the training mesh.
+    run = text.Run(config, ModelConfig.from_config(config.model), params, tokenizer,
+                   int(result.state.step))
+    print_samples(run, sample_prompt, sample_tokens, sampling or sampling_lib.SamplingConfig(),
+                  sample_seed)

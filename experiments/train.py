@@ -5,7 +5,8 @@ r"""Trains a model of the YOCO-U family.
 
 With no flags it trains the embedded default (a small YOCO-U, T=3, on the Python standard
 library's source) into ``runs/default``, then writes ``loss_curve.png`` and prints a greedy
-sample. Re-running on a workdir that holds checkpoints resumes where it stopped.
+and a seeded sampled continuation (``--sample_temperature``, ``--sample_top_p``). Re-running on
+a workdir that holds checkpoints resumes where it stopped.
 
 Multi-host: on TPU pods pass ``--multihost`` (JAX finds the coordinator itself); elsewhere pass
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every host.
@@ -26,8 +27,12 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Greedy sample length (0: none).")
-_SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final sample.")
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Final samples' length (0: none).")
+_SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final samples.")
+_SAMPLE_TEMPERATURE = flags.DEFINE_float(
+    "sample_temperature", 0.8, "Temperature of the sampled sample (0: greedy only).")
+_SAMPLE_TOP_P = flags.DEFINE_float("sample_top_p", 0.95, "Nucleus mass of the sampled sample.")
+_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "PRNG seed of the sampled sample.")
 
 
 def initialize_distributed(collective_timeout_s: int) -> None:
@@ -60,6 +65,12 @@ def main(argv):
   from yocou_jax.train import safety, trainer  # pylint: disable=g-import-not-at-top
   from yocou_jax.train.checkpoint import CheckpointSaveError  # pylint: disable=g-import-not-at-top
 
+  from yocou_jax.inference import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    sampling = sampling_lib.SamplingConfig(_SAMPLE_TEMPERATURE.value, top_p=_SAMPLE_TOP_P.value)
+  except ValueError as e:
+    raise SystemExit(f"error: --sample_{e}") from None
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
@@ -73,7 +84,8 @@ def main(argv):
   if jax.process_index() != 0:
     return
   reporting.summarize_run(config, workdir, result, sample_prompt=_SAMPLE_PROMPT.value,
-                          sample_tokens=_SAMPLE_TOKENS.value)
+                          sample_tokens=_SAMPLE_TOKENS.value, sampling=sampling,
+                          sample_seed=_SAMPLE_SEED.value)
 
 
 if __name__ == "__main__":

@@ -216,10 +216,30 @@ def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array, v_
   ``[B, K, S, D]``): ``yocou_jax.inference.attention.cache_attention`` with a ``pallas`` impl.
 
   ``block_size`` (the XLA path's key block) is not used: the kernel's blocks are per backend.
+  Under a multi-device mesh it runs per shard (batch and heads split as the activations).
   """
   del block_size
-  return decode_attention(q_BxCxHxD, k_BxKxSxD, v_BxKxSxD, q_positions_BxT=positions_BxC,
-                          cache_layout="BKSD")
+
+  def attend(q, positions, k, v):
+    return decode_attention(q, k, v, q_positions_BxT=positions, cache_layout="BKSD")
+
+  return shard_cache_op(attend, q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD)
+
+
+def shard_cache_op(fn, q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array,
+                   v_BxKxSxD: Array) -> Array:
+  """Runs ``fn(q, positions, k, v) -> [B, C, H, D]`` (a kernel on ``[B, K, S, D]`` caches) per
+  shard under a multi-device mesh: batch as ``activation_batch``, heads as ``activation_heads``
+  (q's H and the cache's K split alike, so each shard keeps whole query groups)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return fn(q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD)
+  batch = _mesh_axes(mesh, "activation_batch", q_BxCxHxD.shape[0])
+  heads = _mesh_axes(mesh, "activation_heads", k_BxKxSxD.shape[1])
+  q_spec, cache_spec = P(batch, None, heads, None), P(batch, heads, None, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, P(batch, None), cache_spec, cache_spec),
+                       out_specs=q_spec, check_vma=False)(q_BxCxHxD, positions_BxC, k_BxKxSxD,
+                                                          v_BxKxSxD)
 
 
 def self_attention(q_BxNxHxD: Array, k_BxNxKxD: Array, v_BxNxKxD: Array, *,

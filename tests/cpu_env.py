@@ -6,7 +6,8 @@ import os
 def subprocess_env(device_count: int, **extra: str) -> dict[str, str]:
   """The environment for a test's child JAX process: this suite's flags, ``device_count`` CPUs.
 
-  ``JAX_PLATFORMS=""`` in ``extra`` leaves it unset (the binary picks its platforms itself).
+  A variable given as ``""`` in ``extra`` is left unset (``JAX_PLATFORMS=""``: the binary picks
+  its platforms itself).
   """
   xla_flags = " ".join(f for f in os.environ["XLA_FLAGS"].split()
                        if not f.startswith("--xla_force_host_platform_device_count"))
@@ -14,7 +15,7 @@ def subprocess_env(device_count: int, **extra: str) -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
              XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={device_count}")
   env.update(extra)
-  return {k: v for k, v in env.items() if k != "JAX_PLATFORMS" or v}
+  return {k: v for k, v in env.items() if v or k not in extra}
 
 
 def run_module(module: str, *args: str, device_count: int = 1, timeout: float = 900,

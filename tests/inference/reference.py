@@ -3,12 +3,19 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from experiments.configs import default
 
 from yocou_jax import accounting
 from yocou_jax.config import ModelConfig
+from yocou_jax.data import tokenizers
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.model import Model
+from yocou_jax.train import checkpoint as ckpt_lib
+from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import step as step_lib
 
 ARCHS = ("transformer", "yoco", "yocou", "rins", "looped")
 # W = 4 so prompts and decodes cross many window wraps; one attention block in the reference.
@@ -65,3 +72,23 @@ def reference_at(ref_BxNxV: np.ndarray, prompt_lengths, steps: int) -> np.ndarra
   """ref[b, prompt_length_b - 1 + i] for i in [0, steps]: what cached_logits must return."""
   idx = np.asarray(prompt_lengths)[:, None] - 1 + np.arange(steps + 1)[None]
   return np.take_along_axis(ref_BxNxV, idx[:, :, None], axis=1)
+
+
+def write_run(workdir: str, arch: str = "yocou", attention_impl: str = "xla"):
+  """A checkpoint exactly as the trainer writes it (state, config) plus the byte tokenizer."""
+  config = default.get_config()
+  config.model.update(arch=arch, attention_impl=attention_impl, num_layers=2, d_model=32,
+                      num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64, vocab_size=384, window=4,
+                      num_iterations=2, attention_block_size=64)
+  config.data.seq_len = 32
+  cfg = ModelConfig.from_config(config.model)
+  params = jax.tree.map(jnp.asarray, random_params(cfg, seed=11, std=0.3))
+  tx = optimizer_lib.make_optimizer(config.train)
+  state = step_lib.TrainState(step=jnp.asarray(5, jnp.int32), params=params,
+                              opt_state=tx.init(params))
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=2, use_async=False)
+  checkpointer.save(5, state, config=config.to_dict())
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  tokenizers.ByteTokenizer().save(f"{workdir}/tokenizer")
+  return cfg, params

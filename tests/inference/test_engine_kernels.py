@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from yocou_jax import sharding as sharding_lib
 from yocou_jax.inference import attention as attn_lib
 from yocou_jax.inference import engine as engine_lib
+from yocou_jax.inference import text
 from tests.inference import reference as ref_lib
 
 ATOL = 1e-5
@@ -50,13 +52,30 @@ def test_kernel_impl_per_backend():
 def test_run_trained_with_kernels_generates_as_xla(tmp_path, attention_impl):
   # A checkpoint trained with a kernel attention_impl loads and generates (greedy) the same
   # continuations as the same params served through XLA.
-  from tests.inference import test_generate  # pylint: disable=g-import-not-at-top
-  from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path)
-  test_generate._write_run(workdir, attention_impl=attention_impl)  # pylint: disable=protected-access
+  ref_lib.write_run(workdir, attention_impl=attention_impl)
   run = text.load_run(workdir)
   assert run.model_cfg.attention_impl == attention_impl
   got, result = text.generate(run, ["ab", "hello"], 4, chunk_size=4, warmup=False)
   xla_run = dataclasses.replace(run, model_cfg=run.model_cfg.replace(attention_impl="xla"))
   want, want_result = text.generate(xla_run, ["ab", "hello"], 4, chunk_size=4, warmup=False)
   assert got == want and result.tokens == want_result.tokens
+
+
+@pytest.mark.parametrize("arch", ["transformer", "yocou"])
+def test_pallas_engine_on_a_mesh_matches_forward(arch):
+  # Batch over 'data', kv heads over 'tensor': the kernels run per shard (shard_map).
+  cfg = ref_lib.tiny(arch, attention_impl="pallas")
+  params = ref_lib.random_params(cfg, seed=9)
+  tokens = _tokens(2, 20, seed=2)
+  lengths, steps = [6, 11], 4
+  opts = engine_lib.Options(chunk_size=4, kv_block=4, window_block=2)
+  want = ref_lib.reference_at(
+      ref_lib.reference_logits(cfg.replace(attention_impl="xla"), params, tokens), lengths, steps)
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+  sharded_params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P()))
+  engine = engine_lib.Engine(cfg, opts, mesh=mesh)
+  got, state = ref_lib.cached_logits(engine, sharded_params, tokens, lengths, steps, 20)
+  np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+  leaf = jax.tree.leaves(state.cache)[0]
+  assert leaf.addressable_shards[0].data.shape[:2] == (1, 1)  # Batch and kv heads split.

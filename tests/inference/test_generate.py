@@ -1,18 +1,16 @@
 """Generation: stop tokens, greedy = the full forward's argmax chain, and the generate binary."""
 
+import json
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments.configs import default
 from yocou_jax import accounting
 from yocou_jax.config import ModelConfig
 from yocou_jax.data import tokenizers
 from yocou_jax.inference import engine as engine_lib
+from yocou_jax.inference import sampling as sampling_lib
 from yocou_jax.inference import text
-from yocou_jax.train import checkpoint as ckpt_lib
-from yocou_jax.train import optimizer as optimizer_lib
-from yocou_jax.train import step as step_lib
 from tests import cpu_env
 from tests.inference import reference as ref_lib
 
@@ -38,30 +36,10 @@ def test_greedy_generation_follows_forward_argmax_and_stops():
   assert free.cache_bytes == accounting.kv_cache_bytes(cfg, 17, 2)
 
 
-def _write_run(workdir: str, arch: str = "yocou", attention_impl: str = "xla"):
-  """A checkpoint exactly as the trainer writes it (state, config) plus the byte tokenizer."""
-  config = default.get_config()
-  config.model.update(arch=arch, attention_impl=attention_impl, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                      head_dim=8, d_ff=64, vocab_size=384, window=4, num_iterations=2,
-                      attention_block_size=64)
-  config.data.seq_len = 32
-  cfg = ModelConfig.from_config(config.model)
-  params = jax.tree.map(jnp.asarray, ref_lib.random_params(cfg, seed=11, std=0.3))
-  tx = optimizer_lib.make_optimizer(config.train)
-  state = step_lib.TrainState(step=jnp.asarray(5, jnp.int32), params=params,
-                              opt_state=tx.init(params))
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=2, use_async=False)
-  checkpointer.save(5, state, config=config.to_dict())
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  tokenizers.ByteTokenizer().save(f"{workdir}/tokenizer")
-  return cfg, params
-
-
 def test_load_run_and_generate_at_another_depth(tmp_path):
   # A T = 2 checkpoint loaded at T = 3 (test-time depth); greedy continuations stop at EOS.
   workdir = str(tmp_path)
-  trained_cfg, params = _write_run(workdir)
+  trained_cfg, params = ref_lib.write_run(workdir)
   run = text.load_run(workdir, num_iterations=3)
   assert run.step == 5 and run.model_cfg == trained_cfg.replace(num_iterations=3)
   jax.tree.map(np.testing.assert_array_equal, run.params, params)
@@ -77,14 +55,16 @@ def test_load_run_and_generate_at_another_depth(tmp_path):
 def test_generate_binary(tmp_path):
   # The binary in a child process (absl flags of binaries collide in one process), on a run
   # trained with attention_impl=auto (the TPU/GPU setting), served here through XLA; with
-  # JAX_PLATFORMS unset, as a user runs it: no TPU runtime noise on a host without a TPU.
+  # JAX_PLATFORMS (and what this process's yocou_jax.platforms.select set) unset, as a user
+  # runs it: no TPU runtime noise on a host without a TPU.
   workdir = str(tmp_path)
-  trained_cfg, _ = _write_run(workdir, attention_impl="auto")
+  trained_cfg, _ = ref_lib.write_run(workdir, attention_impl="auto")
   (tmp_path / "prompt.txt").write_text("print(1)\n")
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
                             f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
                             "--num_iterations=3", "--temperature=0.8", "--top_k=20",
-                            "--chunk_size=4", timeout=300, JAX_PLATFORMS="")
+                            "--chunk_size=4", timeout=300, JAX_PLATFORMS="",
+                            TPU_WORKER_HOSTNAMES="", TPU_HOST_BOUNDS="")
   assert proc.returncode == 0, proc.stderr[-3000:]
   for noise in ("Failed to find host bounds", "Source Location Trace", "libtpu"):
     assert noise not in proc.stderr, proc.stderr[-3000:]
@@ -92,5 +72,38 @@ def test_generate_binary(tmp_path):
   formula = accounting.kv_cache_bytes(cfg, 10 + 4, 2)  # BOS + "print(1)\n", 4 new tokens.
   assert "checkpoint step 5: yocou, 2 layers, T=3, window 4" in proc.stdout
   assert "--- prompt: 'ab'" in proc.stdout and "--- prompt: 'print(1)\\n'" in proc.stdout
+  # The greedy continuation beside the seeded sampled one, each as the library generates it.
+  run = text.load_run(workdir, num_iterations=3)
+  for sampling in (sampling_lib.SamplingConfig(), sampling_lib.SamplingConfig(0.8, 20, 0.95)):
+    (want, _), _ = text.generate(run, ["ab", "print(1)\n"], 4, sampling=sampling, chunk_size=4,
+                                 warmup=False)
+    assert f"[{sampling.describe(seed=0)}]\nab{want}\n" in proc.stdout, repr(proc.stdout)
   assert f"{formula:,} bytes for 2 x 14 tokens (accounting.kv_cache_bytes: {formula:,})" in (
       proc.stdout)
+
+
+def test_generate_binary_serves_a_prompts_file(tmp_path):
+  # A JSONL file of prompts with their own budgets through 2 rows (continuous batching), greedy:
+  # each continuation is the library's for that prompt alone; the JSON lines come in order.
+  workdir = str(tmp_path / "run")
+  ref_lib.write_run(workdir)
+  prompts = [("def f", 5), ("x", 2), ("import os\n", 4)]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n"
+                          for p, n in prompts) + "\n")
+  out = tmp_path / "out.jsonl"
+  proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}",
+                            f"--prompts_file={path}", "--rows=2", "--temperature=0",
+                            "--chunk_size=4", f"--json_out={out}", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "3 requests through 2 rows" in proc.stdout
+  run = text.load_run(workdir)
+  want = [text.generate(run, [p], n, chunk_size=4, warmup=False)[0][0] for p, n in prompts]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert records == [{"index": i, "prompt": p, "continuation": c}
+                     for i, ((p, _), c) in enumerate(zip(prompts, want))]
+  bad = cpu_env.run_module("experiments.generate", f"--workdir={workdir}",
+                           f"--prompts_file={path}", timeout=300)
+  assert bad.returncode != 0
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "error: per-request max_new_tokens in --prompts_file needs --rows")

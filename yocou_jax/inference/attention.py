@@ -182,8 +182,11 @@ def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxW
   ring_k, ring_v = put(ring_k_BxKxWxD, k_BxKx1xD), put(ring_v_BxKxWxD, v_BxKx1xD)
   if use_kernel:  # Slot s is visible when s <= min(n, W' - 1): the filled ones.
     from kernels import ops  # pylint: disable=g-import-not-at-top
-    out = ops.decode_attention(q_Bx1xHxD, ring_k, ring_v, cache_layout="BKSD",
-                               q_positions_BxT=jnp.minimum(lengths_B, w - 1)[:, None])
+    def attend(q, positions, k, v):
+      return ops.decode_attention(q, k, v, q_positions_BxT=positions, cache_layout="BKSD")
+
+    out = ops.shard_cache_op(attend, q_Bx1xHxD, jnp.minimum(lengths_B, w - 1)[:, None], ring_k,
+                             ring_v)
     return out.astype(q_Bx1xHxD.dtype), ring_k, ring_v
   q = _fold(q_Bx1xHxD, kv_heads)
   filled_BxW = jnp.arange(w)[None, :] <= lengths_B[:, None]  # Slot s is empty while s > n.

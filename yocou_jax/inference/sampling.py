@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,16 @@ class SamplingConfig:
       raise ValueError(f"top_k={self.top_k} must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+  def describe(self, seed: Optional[int] = None) -> str:
+    """"greedy", or the sampling settings in use ("temperature 0.8, top-p 0.95, seed 0")."""
+    if self.temperature == 0.0:
+      return "greedy"
+    parts = [f"temperature {self.temperature:g}"]
+    parts += [f"top-k {self.top_k}"] if self.top_k else []
+    parts += [f"top-p {self.top_p:g}"] if self.top_p < 1.0 else []
+    parts += [f"seed {seed}"] if seed is not None else []
+    return ", ".join(parts)
 
 
 def filter_logits(logits_BxV: Array, cfg: SamplingConfig) -> Array:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import ml_collections
@@ -19,6 +19,7 @@ from yocou_jax.data import tokenizers
 from yocou_jax.export import exporter
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.inference import sampling as sampling_lib
+from yocou_jax.inference import serving
 
 
 @dataclasses.dataclass
@@ -41,6 +42,23 @@ def load_run(workdir: str, step: Optional[int] = None, num_iterations: int = 0) 
              checkpoint.step)
 
 
+def _engine(run: Run, chunk_size: Optional[int]) -> engine_lib.Engine:
+  """``chunk_size`` defaults to the run's ``config.inference.chunk_size``, else the engine's."""
+  if chunk_size is None:
+    chunk_size = run.config.get("inference", {}).get("chunk_size", engine_lib.Options.chunk_size)
+  return engine_lib.Engine(run.model_cfg, engine_lib.Options(chunk_size=chunk_size))
+
+
+def _encode(run: Run, prompts: Sequence[str]) -> list[list[int]]:
+  """Each prompt's ids, starting with BOS when the tokenizer has one (as in training)."""
+  tok = run.tokenizer
+  return [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
+
+
+def _stop_tokens(run: Run) -> list[int]:
+  return [run.tokenizer.eos_id] if run.tokenizer.eos_id is not None else []
+
+
 def generate(run: Run, prompts: Sequence[str], max_new_tokens: int, *,
              sampling: sampling_lib.SamplingConfig = sampling_lib.SamplingConfig(),
              seed: int = 0, chunk_size: Optional[int] = None,
@@ -51,15 +69,27 @@ def generate(run: Run, prompts: Sequence[str], max_new_tokens: int, *,
   defaults to the run's ``config.inference.chunk_size``, else the engine's default. ``warmup``
   first compiles on the same shapes, so the reported speeds exclude compilation.
   """
-  if chunk_size is None:
-    chunk_size = run.config.get("inference", {}).get("chunk_size", engine_lib.Options.chunk_size)
-  tok = run.tokenizer
-  ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
+  ids = _encode(run, prompts)
   max_len = max(map(len, ids)) + max_new_tokens
-  engine = engine_lib.Engine(run.model_cfg, engine_lib.Options(chunk_size=chunk_size))
-  kwargs = dict(sampling=sampling, max_len=max_len,
-                stop_tokens=[tok.eos_id] if tok.eos_id is not None else [])
+  engine = _engine(run, chunk_size)
+  kwargs = dict(sampling=sampling, max_len=max_len, stop_tokens=_stop_tokens(run))
   if warmup:
     engine.generate(run.params, ids, min(2, max_new_tokens), **kwargs)
   result = engine.generate(run.params, ids, max_new_tokens, rng=jax.random.key(seed), **kwargs)
-  return [tok.decode(t) for t in result.tokens], result
+  return [run.tokenizer.decode(t) for t in result.tokens], result
+
+
+def serve(run: Run, prompts: Sequence[str], max_new_tokens: Sequence[int], *, rows: int,
+          sampling: sampling_lib.SamplingConfig = sampling_lib.SamplingConfig(),
+          seed: int = 0, chunk_size: Optional[int] = None) -> Iterator[tuple[int, str]]:
+  """Yields (prompt index, continuation) as each request finishes (EOS or its budget), the
+  prompts running through ``rows`` cache rows by continuous batching
+  (:func:`yocou_jax.inference.serving.stream`)."""
+  requests = [serving.Request(ids, n) for ids, n in zip(_encode(run, prompts), max_new_tokens)]
+  partial: dict[int, list[int]] = {}
+  for t in serving.stream(_engine(run, chunk_size), run.params, requests, rows=rows,
+                          sampling=sampling, rng=jax.random.key(seed),
+                          stop_tokens=_stop_tokens(run)):
+    partial.setdefault(t.request, []).append(t.token)
+    if t.done:
+      yield t.request, run.tokenizer.decode(partial.pop(t.request))
