@@ -74,15 +74,17 @@ def reference_at(ref_BxNxV: np.ndarray, prompt_lengths, steps: int) -> np.ndarra
   return np.take_along_axis(ref_BxNxV, idx[:, :, None], axis=1)
 
 
-def write_run(workdir: str, arch: str = "yocou", attention_impl: str = "xla"):
-  """A checkpoint exactly as the trainer writes it (state, config) plus the byte tokenizer."""
+TINY_RUN = dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                vocab_size=384, window=4, num_iterations=2, attention_block_size=64)
+
+
+def write_run(workdir: str, arch: str = "yocou", attention_impl: str = "xla", seed: int = 11):
+  """A checkpoint exactly as the trainer writes it (step 5, random weights) plus the tokenizer."""
   config = default.get_config()
-  config.model.update(arch=arch, attention_impl=attention_impl, num_layers=2, d_model=32,
-                      num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64, vocab_size=384, window=4,
-                      num_iterations=2, attention_block_size=64)
+  config.model.update(arch=arch, attention_impl=attention_impl, **TINY_RUN)
   config.data.seq_len = 32
   cfg = ModelConfig.from_config(config.model)
-  params = jax.tree.map(jnp.asarray, random_params(cfg, seed=11, std=0.3))
+  params = jax.tree.map(jnp.asarray, random_params(cfg, seed=seed, std=0.3))
   tx = optimizer_lib.make_optimizer(config.train)
   state = step_lib.TrainState(step=jnp.asarray(5, jnp.int32), params=params,
                               opt_state=tx.init(params))

@@ -91,7 +91,7 @@ def check_nonfinite(counts: Mapping[str, Any], *, mode: str, max_skipped_steps: 
   total, longest = int(counts["skipped_total"]), int(counts["skipped_longest_run"])
   last = int(counts["skipped_last_step"])
   if mode == "stop" and total > 0:
-    why = f"config.train.nonfinite='stop'"
+    why = "config.train.nonfinite='stop'"
   elif mode == "skip" and longest >= max_skipped_steps:
     why = (f"{longest} updates in a row were skipped, config.train.max_skipped_steps="
            f"{max_skipped_steps}")
