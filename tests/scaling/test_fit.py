@@ -126,3 +126,29 @@ def test_frontier_and_loop_table():
   assert table[-1]["gain_to_next_T"] is None
   pts = [dict(flops=f, loss=l) for f, l in ((1, 3.0), (2, 3.1), (3, 2.5), (4, 2.6), (5, 2.0))]
   assert [p["flops"] for p in analysis.frontier(pts, "flops")] == [1, 3, 5]
+
+
+def test_report_fits_the_parametric_law_on_final_points(tmp_path):
+  truth = fit.ParametricLaw(E=1.7, A=0.6, a=0.34, B=0.8, b=0.28, n_ref=1e6, d_ref=1e8)
+  rows = []
+  for i, n in enumerate(np.geomspace(1e5, 1e7, 4)):
+    for j, d in enumerate(np.geomspace(1e7, 1e9, 4)):
+      run = f"yoco_n{i}_d{j}"
+      # A mid-schedule point far above the law: the fit must use only each run's final point.
+      rows.append({"run": run, "arch": "yoco", "num_iterations": 1, "params": int(n) + 1,
+                   "non_embedding_params": int(n), "step": 10, "tokens": d / 10,
+                   "flops": 6 * n * d / 10, "loss": 9.0, "final": False})
+      rows.append({"run": run, "arch": "yoco", "num_iterations": 1, "params": int(n) + 1,
+                   "non_embedding_params": int(n), "step": 100, "tokens": d,
+                   "flops": 6 * n * d, "loss": float(truth(n, d)), "final": True})
+  result = report.analyze(rows, str(tmp_path), pairs=[], num_bootstrap=2, figures=False)
+  got = result["parametric_fits"]["yoco"]
+  assert got["runs"] == 16
+  for name in ("E", "a", "b"):
+    assert got[name] == pytest.approx(getattr(truth, name), rel=0.02), name
+  # A and B are at the fit's own reference sizes: compare the law's predictions instead.
+  law = fit.ParametricLaw(**{k: got[k] for k in ("E", "A", "a", "B", "b", "n_ref", "d_ref")})
+  assert law(3e5, 5e7) == pytest.approx(float(truth(3e5, 5e7)), rel=1e-3)
+  assert got["max_relative_residual"] < 1e-3
+  assert "## Parametric law" in open(result["report"], encoding="utf-8").read()
+  assert analysis.parametric_fit(rows[:8]) is None  # 4 runs: too few.

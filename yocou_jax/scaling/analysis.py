@@ -302,3 +302,24 @@ def best_learning_rates(rows: Sequence[dict]) -> list[dict]:
                 "losses": {f"{r['learning_rate']:g}": r["loss"]
                            for r in sorted(group, key=lambda r: r["learning_rate"])}})
   return out
+
+
+def parametric_fit(rows: Sequence[dict], min_runs: int = 6) -> Optional[dict[str, Any]]:
+  """Chinchilla's ``L(N, D) = E + A/N^a + B/D^b`` on the final points of one arch's runs.
+
+  Final points of runs with their own schedules only (an intermediate checkpoint is not a run
+  trained to that length); None unless there are ``min_runs`` runs spanning >= 2 sizes and >= 2
+  token counts.
+  """
+  finals = [r for r in points_lib.final_rows(rows) if r["tokens"] > 0]
+  sizes = {r["non_embedding_params"] for r in finals}
+  tokens = {r["tokens"] for r in finals}
+  if len(finals) < min_runs or len(sizes) < 2 or len(tokens) < 2:
+    return None
+  law, objective = fit_lib.fit_parametric([r["non_embedding_params"] for r in finals],
+                                          [r["tokens"] for r in finals],
+                                          [r["loss"] for r in finals])
+  predicted = law([r["non_embedding_params"] for r in finals], [r["tokens"] for r in finals])
+  residual = np.abs(predicted / np.array([r["loss"] for r in finals]) - 1.0)
+  return {**law.as_dict(), "runs": len(finals), "objective": objective,
+          "max_relative_residual": float(residual.max())}

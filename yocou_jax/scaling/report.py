@@ -40,6 +40,8 @@ def analyze(rows: Sequence[dict], out_dir: str, *, pairs: Optional[Sequence[tupl
       "fits": {arch: analysis.fit_summary(f, "flops") for arch, f in fits.items()},
       "token_fits": {arch: analysis.fit_summary(f, "tokens") for arch, f in fits.items()},
       "param_fits": {arch: analysis.fit_summary(f, "params") for arch, f in fits.items()},
+      "parametric_fits": {arch: analysis.parametric_fit([r for r in rows if r["arch"] == arch])
+                          for arch in archs},
       "comparisons": comparisons, "loop": loop,
       "learning_rates": analysis.best_learning_rates(rows),
       "runs": len(points_lib.runs(rows)), "points": len(rows), "fit_points": points,
@@ -91,6 +93,21 @@ def format_report(result: dict) -> str:
   lines += _fit_table("Token law", result["token_fits"], "D")
   lines += _fit_table("Parameter law at equal steps", result["param_fits"], "N")
   lines.insert(-1, f"Points: {result['param_law_points']}.\n")
+  if any(result.get("parametric_fits", {}).values()):
+    lines += ["## Parametric law", "",
+              "L(N, D) = E + A (N/N_ref)^-a + B (D/D_ref)^-b on each run's final point "
+              "(Chinchilla's Approach 3; no intervals).", "",
+              "| arch | E | A | a | B | b | N_ref | D_ref | runs | max residual |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for arch, p in result["parametric_fits"].items():
+      if p is None:
+        lines.append(f"| {arch} | fewer than 6 runs over 2 sizes and 2 token counts "
+                     "| | | | | | | | |")
+        continue
+      lines.append(f"| {arch} | {p['E']:.4g} | {p['A']:.4g} | {p['a']:.4g} | {p['B']:.4g} | "
+                   f"{p['b']:.4g} | {p['n_ref']:.3g} | {p['d_ref']:.3g} | {p['runs']} | "
+                   f"{p['max_relative_residual']:.2%} |")
+    lines.append("")
   if result["comparisons"]:
     lines += ["## Comparisons", "",
               "Gap = L_b - L_a (positive: a is better). Savings are a's relative to b.", "",
