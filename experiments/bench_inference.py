@@ -11,7 +11,8 @@ interleaved across the archs; decode tokens/s is one over the median step time (
 other processes on a shared machine from favouring one arch).
 Compilation is excluded: each arch compiles its chunk and decode steps once, for the largest
 context, before anything is timed.
-Prints a table and the inference targets (prefill, cache bytes, decode ratios), writes a PNG of throughput against context.
+Prints a table and the inference targets (prefill, cache bytes, decode ratios), writes a PNG of
+throughput against context.
 
 Batch 1 measures latency. Serving throughput is set by how many sequences' caches fit in memory,
 so at the largest context each arch also decodes the largest batch (up to
