@@ -24,11 +24,9 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the distances here as J
 
 
 def _plot(transitions, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  from yocou_jax import files  # pylint: disable=g-import-not-at-top
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = files.pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(transitions)), 3.8))
   colors = {"self_decoder": "tab:blue", "cross_decoder": "tab:red", "decoder": "tab:green",
             "recursive": "tab:purple"}
@@ -46,8 +44,7 @@ def _plot(transitions, path: str, title: str) -> None:
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  files.save_figure(fig, path)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -23,11 +23,9 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the table here as JSON.
 
 
 def _plot(rows, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  from yocou_jax import files  # pylint: disable=g-import-not-at-top
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = files.pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot([r["num_iterations"] for r in rows], [r["eval_loss"] for r in rows], "o-")
   for r in rows:
@@ -40,8 +38,7 @@ def _plot(rows, path: str, title: str) -> None:
   if any(r["trained"] for r in rows):
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  files.save_figure(fig, path)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -13,7 +13,6 @@ needle's value. Prints an accuracy table per task (length x depth) and draws a h
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags
 
@@ -38,6 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   (workdir,) = eval_common.workdirs(_WORKDIR)  # Before the (slow) imports: bad flags fail fast.
+  from yocou_jax import files  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import niah  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import report  # pylint: disable=g-import-not-at-top
@@ -76,12 +76,9 @@ def main(argv):
   print("\n" + report.format_table(["task", *map(str, lengths), "mean"],
                                    [[r.task, *r.per_length, r.mean] for r in results]))
   if _SAMPLES_OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES_OUT.value)), exist_ok=True)
-    tmp = _SAMPLES_OUT.value + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.atomic_write(_SAMPLES_OUT.value) as f:
       for s, p in zip(all_samples, [p for r in results for p in r.predictions]):
         f.write(json.dumps({**vars(s), "pred": p}) + "\n")
-    os.replace(tmp, _SAMPLES_OUT.value)
   if eval_common.json_out():
     report.write_json(eval_common.json_out(), {
         **eval_common.run_info(workdir, run), "seed": _SEED.value, "haystack": _HAYSTACK.value,
@@ -90,7 +87,7 @@ def main(argv):
                    "accuracy": r.accuracy.tolist(), "per_length": r.per_length, "mean": r.mean}
                   for r in results]})
   if _PNG.value:
-    plt = report.pyplot()
+    plt = files.pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results) + 1, 3.8),
                              squeeze=False, constrained_layout=True)
     for ax, r in zip(axes[0], results):
@@ -104,7 +101,7 @@ def main(argv):
       ax.set_title(f"{r.task}: mean {r.mean:.2f}")
     fig.colorbar(image, ax=axes[0].tolist())
     fig.suptitle(f"{cfg.arch} T={cfg.iterations}")
-    report.save_figure(fig, _PNG.value)
+    files.save_figure(fig, _PNG.value)
     print(f"heatmap: {_PNG.value}")
 
 

@@ -34,6 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdirs = eval_common.workdirs(_WORKDIRS)  # Before the (slow) imports: bad flags fail fast.
+  from yocou_jax import files  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import perplexity  # pylint: disable=g-import-not-at-top
   from yocou_jax.evaluation import report  # pylint: disable=g-import-not-at-top
@@ -67,7 +68,7 @@ def main(argv):
   if eval_common.json_out():
     report.write_json(eval_common.json_out(), {"runs": runs_json})
   if _PNG.value:
-    plt = report.pyplot()
+    plt = files.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs_json:
       ax.plot([row["prefix"] for row in r["rows"]], [row["ppl"] for row in r["rows"]], "o-",
@@ -80,7 +81,7 @@ def main(argv):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    report.save_figure(fig, _PNG.value)
+    files.save_figure(fig, _PNG.value)
     print(f"plot: {_PNG.value}")
 
 

@@ -71,6 +71,8 @@ def _read_prompts(path: str) -> list[tuple[str, int]]:
 
 def _serve(text, run, prompts, sampling) -> None:
   """Continuous batching through --rows rows; prints (and with --json_out writes) each request."""
+  from yocou_jax import files  # pylint: disable=g-import-not-at-top
+
   start, records = time.perf_counter(), []
   texts, budgets = [p for p, _ in prompts], [n for _, n in prompts]
   for i, continuation in text.serve(run, texts, budgets, rows=_ROWS.value, sampling=sampling,
@@ -81,11 +83,9 @@ def _serve(text, run, prompts, sampling) -> None:
   print(f"\n{len(prompts)} requests through {_ROWS.value} rows in "
         f"{time.perf_counter() - start:.3f} s (compilation included)")
   if _JSON_OUT.value:
-    tmp = _JSON_OUT.value + ".tmp"  # Written whole, then renamed: never a half-written file.
-    with open(tmp, "w") as f:
+    with files.atomic_write(_JSON_OUT.value) as f:  # Never a half-written file.
       for record in sorted(records, key=lambda r: r["index"]):
         f.write(json.dumps(record) + "\n")
-    os.replace(tmp, _JSON_OUT.value)
     print(f"wrote {_JSON_OUT.value}")
 
 

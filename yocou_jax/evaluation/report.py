@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
+
+from yocou_jax import files
 
 
 class Progress:
@@ -49,27 +49,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_json(path: str, value: Any) -> None:
   """Writes through a temporary sibling and a rename: a partial file never takes the name."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+  with files.atomic_write(path) as f:
     json.dump(value, f, indent=2, default=str)  # Numpy scalars and the like as text.
     f.write("\n")
-  os.replace(f.name, path)
-
-
-def pyplot():
-  """matplotlib.pyplot on the non-interactive Agg backend."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  return plt
-
-
-def save_figure(fig, path: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)

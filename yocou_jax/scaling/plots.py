@@ -7,20 +7,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from yocou_jax import files
 from yocou_jax.scaling import analysis
 from yocou_jax.scaling import points as points_lib
 
 _LABELS = {"flops": "training FLOPs", "tokens": "training tokens",
            "params": "non-embedding parameters"}
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  return plt
 
 
 def _colors(archs: Sequence[str]) -> dict[str, Any]:
@@ -40,7 +32,7 @@ def _band(ax, arch_fits: analysis.ArchFits, law: str, xs: np.ndarray, color) -> 
 def plot_law(rows: Sequence[dict], fits: dict[str, analysis.ArchFits], law: str, path: str,
              comparison: Optional[dict] = None) -> bool:
   """Loss against ``law``'s x: per-run curves (not for params), law points, fits and bands."""
-  plt = _pyplot()
+  plt = files.pyplot()
   archs = [a for a in fits if fits[a].points[law]]
   if not archs:
     return False
@@ -79,8 +71,7 @@ def plot_law(rows: Sequence[dict], fits: dict[str, analysis.ArchFits], law: str,
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  files.save_figure(fig, path)
   return True
 
 
@@ -88,7 +79,7 @@ def plot_loop(rows: Sequence[dict], table: Sequence[dict], path: str) -> bool:
   """Fig. 6: final loss against T (left) and each T's curve against training FLOPs (right)."""
   if not table:
     return False
-  plt = _pyplot()
+  plt = files.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   groups: dict[tuple, list[dict]] = {}
   for r in table:
@@ -111,8 +102,7 @@ def plot_loop(rows: Sequence[dict], table: Sequence[dict], path: str) -> bool:
   right.grid(alpha=0.3, which="both")
   right.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  files.save_figure(fig, path)
   return True
 
 

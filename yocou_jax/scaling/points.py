@@ -15,6 +15,7 @@ import math
 import os
 from typing import Iterable, Sequence
 
+from yocou_jax import files
 from yocou_jax.config import ConfigError
 from yocou_jax.scaling import sweeps
 from yocou_jax.train import metrics as metrics_lib
@@ -59,12 +60,10 @@ def collect_sweep(sweep_dir: str) -> list[dict]:
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
   columns = list(COLUMNS) + [c for c in EXTRA_COLUMNS if any(c in r for r in rows)]
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
+  with files.atomic_write(path, newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(tmp, path)
 
 
 def _parse(column: str, value: str, line: int, path: str):

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import ml_collections
 
 from yocou_jax import accounting
+from yocou_jax import files
 from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.train import budget as budget_lib
 from yocou_jax.train import metrics as metrics_lib
@@ -190,10 +191,8 @@ def format_command(args: Sequence[str]) -> str:
 
 def _write_json(path: str, payload: Any) -> None:
   """Atomically: a reader never sees a half-written file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with files.atomic_write(path) as f:
     json.dump(payload, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _mark_done(point_dir: str, note: str) -> None:

@@ -89,7 +89,7 @@ def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
 
 
 def _is_moe(model: nn.Module) -> bool:
-  return getattr(getattr(model, "cfg", None), "ffn", "dense") == "moe"
+  return model.cfg.ffn == "moe"
 
 
 def _aux_keys(model: nn.Module) -> tuple[str, ...]:

@@ -138,7 +138,7 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
       workdir, keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
   saveable_iter = train_iter if hasattr(train_iter, "get_state") else None
 
-  flops_per_step = accounting.train_flops_per_step(model_cfg, seq_len, t.batch_size)
+  flops_per_step = step_budget.flops_per_step  # The analytic count the budget used.
   peak, peak_source = metrics_lib.peak_flops_per_device(model_cfg.compute_dtype)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief,
                                      tensorboard=config.logging.tensorboard)
