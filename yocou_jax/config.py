@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 FFNS = ("dense", "moe")
 EXPERT_SHARDINGS = ("fsdp", "expert")
+MOE_MATMULS = ("auto", "ragged_dot", "blocked", "megablox")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,8 @@ class ModelConfig:
   capacity_factor: float = 0.0  # 0: dropless.
   moe_layers: int = 1  # Every k-th layer is MoE (1: all).
   expert_sharding: str = "fsdp"
+  moe_matmul: str = "auto"  # Grouped matmul of the dropless experts; auto: per backend.
+  moe_block_rows: int = 128  # Row block of the blocked and megablox grouped matmuls.
 
   def __post_init__(self):
     self.validate()
@@ -164,6 +167,10 @@ class ModelConfig:
       fail("moe_layers", "only 1 (every layer is MoE) is implemented")
     if self.expert_sharding not in EXPERT_SHARDINGS:
       fail("expert_sharding", f"allowed: {', '.join(EXPERT_SHARDINGS)}")
+    if self.moe_matmul not in MOE_MATMULS:
+      fail("moe_matmul", f"allowed: {', '.join(MOE_MATMULS)}")
+    if self.moe_block_rows < 8 or self.moe_block_rows % 8:
+      fail("moe_block_rows", "must be a positive multiple of 8")
 
 
 def maybe_window(cfg: ModelConfig) -> Optional[int]:

@@ -8,8 +8,9 @@ One token ``x`` (D) goes through::
   y      = sum_k g_k SwiGLU_{e_k}(x) + SwiGLU_shared(x)
 
 Dispatch is dropless by default: the N*K (token, expert) pairs are stably sorted by expert and the
-experts' SwiGLU runs as three ``jax.lax.ragged_dot`` grouped matmuls, then the rows are unsorted
-and combined with the weights in float32. ``capacity_factor > 0`` instead gives every expert
+experts' SwiGLU runs as three grouped matmuls (:func:`grouped_matmul`, ``moe_matmul``: megablox
+on TPU, ``jax.lax.ragged_dot`` on GPU, a blocked matmul on CPU), then the rows are unsorted and
+combined with the weights in float32. ``capacity_factor > 0`` instead gives every expert
 ``C = ceil(capacity_factor * N * K / E)`` slots (the first pairs in token order win; the rest are
 dropped, contributing 0) and runs a batched matmul over the [E, C, D] buffer.
 
@@ -34,15 +35,17 @@ and the train step adds :func:`auxiliary_loss` to the loss.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
-from yocou_jax.config import ModelConfig
+from yocou_jax.config import MOE_MATMULS, ModelConfig
 from yocou_jax.layers import SwiGLU, param_init
 
 Array = jax.Array
@@ -97,13 +100,144 @@ def capacity(cfg: ModelConfig, num_tokens: int) -> int:
   return max(1, math.ceil(slots))
 
 
+# --- grouped matmuls ------------------------------------------------------------------------------
+
+def resolve_matmul(name: str) -> str:
+  """``auto`` -> the grouped matmul for the backend the step compiles for; other names pass.
+
+  TPU: the megablox Pallas kernel (``ragged_dot`` if it does not import); GPU: ``ragged_dot``
+  (XLA's native lowering); CPU: ``blocked``, since CPU ``ragged_dot`` masks the rows into one
+  [G, M, K] operand and does every group's work. The backend is read from ``kernels.ops``, which
+  AOT compiles for a TPU on this host override.
+  """
+  if name != "auto":
+    return name
+  from kernels import ops  # pylint: disable=g-import-not-at-top  # Pallas loads lazily.
+  family, interpret = ops.default_kernel()
+  if family == "tpu" and not interpret:
+    try:
+      # pylint: disable-next=g-import-not-at-top,unused-import
+      from jax.experimental.pallas.ops.tpu import megablox
+    except ImportError:
+      return "ragged_dot"
+    return "megablox"
+  return "ragged_dot" if family == "triton" else "blocked"
+
+
+def _block_layout(group_sizes_G: Array, m: int, b: int):
+  """Each group's rows padded to a multiple of ``b`` rows, in ``ceil(m / b) + G`` blocks of b.
+
+  Returns (expert id per block [B], source row per padded row [B*b] (m: a padding row), padded
+  row per row [m] (B*b: a row past sum(group_sizes))).
+  """
+  g = group_sizes_G.shape[0]
+  blocks = -(-m // b) + g  # Static: sum_g ceil(n_g / b) <= ceil(m / b) + G.
+  padded_G = (group_sizes_G + b - 1) // b * b
+  padded_end_G = jnp.cumsum(padded_G)
+  padded_start_G = padded_end_G - padded_G
+  end_G = jnp.cumsum(group_sizes_G)
+  start_G = end_G - group_sizes_G
+  block_group = jnp.searchsorted(padded_end_G, jnp.arange(blocks) * b, side="right")
+  block_group = jnp.minimum(block_group, g - 1).astype(jnp.int32)  # Trailing blocks: empty rows.
+  p = jnp.arange(blocks * b)
+  p_group = block_group[p // b]
+  rank = p - padded_start_G[p_group]
+  source = jnp.where(rank < group_sizes_G[p_group], start_G[p_group] + rank, m)
+  i = jnp.arange(m)
+  i_group = jnp.minimum(jnp.searchsorted(end_G, i, side="right"), g - 1)
+  target = jnp.where(i < end_G[-1], padded_start_G[i_group] + i - start_G[i_group], blocks * b)
+  return block_group, source, target
+
+
+def _take_rows(a: Array, rows: Array) -> Array:
+  """``a[rows]``, 0 for out-of-range rows."""
+  return jnp.take(a, rows, axis=0, mode="fill", fill_value=0)
+
+
+def _per_block_matmul(xs_BxbxK: Array, w_GxKxN: Array, group_B: Array, acc) -> Array:
+  """``xs[j] @ w[group[j]]`` per block: one [b, K] x [K, N] matmul each."""
+  dot = lambda xg: jnp.dot(xg[0], w_GxKxN[xg[1]], preferred_element_type=acc)
+  return jax.lax.map(dot, (xs_BxbxK, group_B))
+
+
+def _per_group_outer(xs_BxbxK: Array, dy_BxbxN: Array, group_B: Array, g: int) -> Array:
+  """``sum_{j in group} xs[j]^T dy[j]`` per group [G, K, N] (the weight gradient), float32."""
+  def add_block(acc_GxKxN, xdg):
+    x, dy, group = xdg
+    return acc_GxKxN.at[group].add(jnp.dot(x.T, dy, preferred_element_type=jnp.float32)), None
+  init = jnp.zeros((g, xs_BxbxK.shape[-1], dy_BxbxN.shape[-1]), jnp.float32)
+  return jax.lax.scan(add_block, init, (xs_BxbxK, dy_BxbxN, group_B))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked_matmul(lhs_MxK: Array, rhs_GxKxN: Array, group_sizes_G: Array, block_rows: int,
+                    acc) -> Array:
+  return _blocked_fwd(lhs_MxK, rhs_GxKxN, group_sizes_G, block_rows, acc)[0]
+
+
+def _blocked_fwd(lhs_MxK, rhs_GxKxN, group_sizes_G, block_rows, acc):
+  m, b = lhs_MxK.shape[0], block_rows
+  group_B, source, target = _block_layout(group_sizes_G, m, b)
+  xs_BxbxK = _take_rows(lhs_MxK, source).reshape(-1, b, lhs_MxK.shape[1])
+  ys = _per_block_matmul(xs_BxbxK, rhs_GxKxN, group_B, acc).reshape(-1, rhs_GxKxN.shape[2])
+  return _take_rows(ys, target), (xs_BxbxK, rhs_GxKxN, group_B, source, target, group_sizes_G)
+
+
+def _blocked_bwd(block_rows, acc, residuals, dy_MxN):
+  xs_BxbxK, rhs_GxKxN, group_B, source, target, group_sizes_G = residuals
+  dy_BxbxN = _take_rows(dy_MxN.astype(rhs_GxKxN.dtype), source).reshape(
+      -1, block_rows, dy_MxN.shape[1])
+  dxs = _per_block_matmul(dy_BxbxN, jnp.swapaxes(rhs_GxKxN, 1, 2), group_B, acc)
+  dlhs = _take_rows(dxs.reshape(-1, xs_BxbxK.shape[2]), target).astype(xs_BxbxK.dtype)
+  drhs = _per_group_outer(xs_BxbxK, dy_BxbxN, group_B, rhs_GxKxN.shape[0])
+  return dlhs, drhs.astype(rhs_GxKxN.dtype), np.zeros(group_sizes_G.shape, jax.dtypes.float0)
+
+
+_blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def grouped_matmul(lhs_MxK: Array, rhs_GxKxN: Array, group_sizes_G: Array, *, impl: str,
+                   block_rows: int = 128, preferred_element_type=jnp.float32) -> Array:
+  """``lhs[i] @ rhs[g]`` for the rows i of group g, rows sorted by group; rows past
+  ``sum(group_sizes)`` give 0.
+
+  ``impl`` (after :func:`resolve_matmul`): ``ragged_dot`` (``jax.lax.ragged_dot``), ``blocked``
+  (each group padded to a multiple of ``block_rows`` rows, one [block_rows, K] x [K, N] matmul
+  per block with its group's weights: the ideal FLOPs plus at most ``block_rows - 1`` padding
+  rows per group, on any backend) or ``megablox`` (the TPU Pallas kernel, ``block_rows`` its row
+  tile; interpreted off TPU).
+  """
+  impl = resolve_matmul(impl)
+  acc = preferred_element_type
+  if impl == "blocked":
+    return _blocked_matmul(lhs_MxK, rhs_GxKxN, group_sizes_G.astype(jnp.int32), block_rows, acc)
+  # Kernels leave rows past sum(group_sizes) undefined (NaN in megablox interpret mode): zero them
+  # on the way in (so that their gradient is dropped) and out.
+  m = lhs_MxK.shape[0]
+  valid_M = (jnp.arange(m) < jnp.sum(group_sizes_G))[:, None]
+  lhs_MxK = jnp.where(valid_M, lhs_MxK, 0)
+  if impl == "ragged_dot":
+    out = jax.lax.ragged_dot(lhs_MxK, rhs_GxKxN, group_sizes_G, preferred_element_type=acc)
+  elif impl == "megablox":
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
+    pad = -m % block_rows  # gmm takes whole row tiles.
+    out = gmm(jnp.pad(lhs_MxK, ((0, pad), (0, 0))), rhs_GxKxN, group_sizes_G.astype(jnp.int32),
+              preferred_element_type=acc,
+              tiling=(block_rows, min(128, rhs_GxKxN.shape[1]), min(128, rhs_GxKxN.shape[2])),
+              interpret=jax.default_backend() != "tpu")[:m]
+  else:
+    raise ValueError(f"moe_matmul={impl!r}: allowed: {', '.join(MOE_MATMULS)}")
+  return jnp.where(valid_M, out, 0)
+
+
 # --- the routed experts on one shard -------------------------------------------------------------
 
 def _swiglu_grouped(xs_MxD: Array, group_sizes_G: Array, wg_GxDxF: Array, wu_GxDxF: Array,
-                    wo_GxFxD: Array, out_dtype) -> Array:
+                    wo_GxFxD: Array, out_dtype, matmul: str, block_rows: int) -> Array:
   """Every row through its group's SwiGLU by three grouped matmuls (rows sorted by group)."""
   acc = jnp.promote_types(out_dtype, jnp.float32)
-  dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes_G, preferred_element_type=acc)
+  dot = functools.partial(grouped_matmul, group_sizes_G=group_sizes_G, impl=matmul,
+                          block_rows=block_rows, preferred_element_type=acc)
   h_MxF = (nn.silu(dot(xs_MxD, wg_GxDxF)) * dot(xs_MxD, wu_GxDxF)).astype(out_dtype)
   return dot(h_MxF, wo_GxFxD)
 
@@ -119,12 +253,14 @@ def _swiglu_buffered(xs_GxCxD: Array, wg_GxDxF: Array, wu_GxDxF: Array, wo_GxFxD
 
 def routed_experts(x_NxD: Array, experts_NxK: Array, weights_NxK: Array, wg_GxDxF: Array,
                    wu_GxDxF: Array, wo_GxFxD: Array, *, first_expert: Array | int = 0,
-                   capacity_per_expert: int = 0) -> tuple[Array, Array]:
+                   capacity_per_expert: int = 0, matmul: str = "auto",
+                   block_rows: int = 128) -> tuple[Array, Array]:
   """``sum_k weights[n, k] * SwiGLU_{experts[n, k]}(x[n])`` over the G experts held here.
 
   The experts here are ``first_expert .. first_expert + G - 1``; pairs routed elsewhere contribute
   0 (expert parallelism). A token picks an expert at most once, so at most ``N * min(K, G)``
-  pairs are local: only those rows are gathered and computed. Returns (y [N, D] float32, the
+  pairs are local: only those rows are gathered and computed, by :func:`grouped_matmul` with
+  ``matmul`` and ``block_rows`` (dropless). Returns (y [N, D] float32, the
   number of local pairs dropped for capacity).
   """
   n, k = experts_NxK.shape
@@ -151,7 +287,8 @@ def routed_experts(x_NxD: Array, experts_NxK: Array, weights_NxK: Array, wg_GxDx
     dropped = jnp.sum((key_M < g) & ~kept_M)
   else:
     kept_M = key_M < g
-    ys_MxD = _swiglu_grouped(xs_MxD, group_sizes_G, wg_GxDxF, wu_GxDxF, wo_GxFxD, dtype)
+    ys_MxD = _swiglu_grouped(xs_MxD, group_sizes_G, wg_GxDxF, wu_GxDxF, wo_GxFxD, dtype, matmul,
+                             block_rows)
     dropped = jnp.zeros((), jnp.int32)
   # Rows past sum(group_sizes) are undefined for grouped-matmul kernels: mask, never multiply.
   w_M = weights_NxK.reshape(n * k)[order_M].astype(jnp.float32)
@@ -184,10 +321,11 @@ def sharded_routed_experts(cfg: ModelConfig, x_NxD: Array, experts_NxK: Array,
   batch_axes = _axis_tuple(_mesh_axes(("activation_batch",))[0]) if not mesh.empty else ()
   batch_size = math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1
   n = x_NxD.shape[0]
+  grouped = dict(matmul=resolve_matmul(cfg.moe_matmul), block_rows=cfg.moe_block_rows)
   if mesh.empty or math.prod(mesh.shape.values()) == 1 or n % batch_size:
     # No mesh (or tokens that do not split evenly, e.g. one decode token): let GSPMD place it.
     return routed_experts(x_NxD, experts_NxK, weights_NxK, wg, wu, wo,
-                          capacity_per_expert=capacity(cfg, n))
+                          capacity_per_expert=capacity(cfg, n), **grouped)
   expert_axes = (_axis_tuple(_mesh_axes(("expert",))[0])
                  if cfg.expert_sharding == "expert" else ())
   tensor_axes = _axis_tuple(_mesh_axes(("mlp",))[0])
@@ -205,7 +343,7 @@ def sharded_routed_experts(cfg: ModelConfig, x_NxD: Array, experts_NxK: Array,
       x, e, w = (jax.lax.all_gather(a, expert_axes, axis=0, tiled=True) for a in (x, e, w))
       first = jax.lax.axis_index(expert_axes) * wg_.shape[0]
     y, dropped = routed_experts(x, e, w, wg_, wu_, wo_, first_expert=first,
-                                capacity_per_expert=capacity(cfg, local_tokens))
+                                capacity_per_expert=capacity(cfg, local_tokens), **grouped)
     if tensor_axes:
       y = jax.lax.psum(y, tensor_axes)
     if expert_axes:

@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.capacity_factor = 0.0  # Slots per expert = ceil(cf * tokens * K / E); 0: dropless.
   m.moe_layers = 1  # Every k-th layer is MoE (1: all layers).
   m.expert_sharding = "fsdp"  # fsdp: experts sharded like any weight; expert: over the fsdp axis.
+  # Grouped matmul of the dropless experts: auto (TPU megablox, GPU ragged_dot, CPU blocked),
+  # ragged_dot, blocked (row blocks of one expert each), megablox (TPU Pallas; interpreted off TPU).
+  m.moe_matmul = "auto"
+  m.moe_block_rows = 128  # Row block of the blocked and megablox grouped matmuls (multiple of 8).
 
   # --- data ------------------------------------------------------------------------------------
   d = config.data = ml_collections.ConfigDict()
