@@ -50,6 +50,7 @@ class ModelConfig:
   init_std: float = 0.02
   attention_block_size: int = 128
   unroll_loops: bool = True
+  loss_chunk_size: int = 0  # 0: per backend; -1: materialised logits (see yocou_jax/loss.py).
   # Mixture-of-Experts feed-forward (ffn="moe"); see yocou_jax/moe.py.
   ffn: str = "dense"
   num_experts: int = 8
@@ -142,6 +143,9 @@ class ModelConfig:
       fail("attention_impl", f"allowed: {', '.join(ATTENTION_IMPLS)}")
     if not isinstance(self.unroll_loops, bool):
       fail("unroll_loops", "must be True or False")
+    if (not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool)
+        or self.loss_chunk_size < -1):
+      fail("loss_chunk_size", "must be an integer >= -1 (0: per backend, -1: materialised logits)")
     if self.rope_theta <= 0:
       fail("rope_theta", "must be positive")
     if self.ffn not in FFNS:

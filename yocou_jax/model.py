@@ -247,6 +247,11 @@ class Model(nn.Module):
 
   def __call__(self, tokens_BxN: Array, segment_ids_BxN: Optional[Array] = None,
                positions_BxN: Optional[Array] = None) -> Array:
+    return self.logits(self.features(tokens_BxN, segment_ids_BxN, positions_BxN))
+
+  def features(self, tokens_BxN: Array, segment_ids_BxN: Optional[Array] = None,
+               positions_BxN: Optional[Array] = None) -> Array:
+    """The residual stream after the last layer, before the final norm: [B, N, D]."""
     segment_ids_BxN, positions_BxN = default_segments(tokens_BxN, segment_ids_BxN, positions_BxN)
     x_BxNxD = self.embed(tokens_BxN)
     if self.cfg.is_decoder_decoder:
@@ -258,7 +263,7 @@ class Model(nn.Module):
         x_BxNxD = self.recursive(x_BxNxD, segment_ids_BxN, positions_BxN)
       if hasattr(self, "decoder"):
         x_BxNxD = self.decoder(x_BxNxD, segment_ids_BxN, positions_BxN)
-    return self.logits(x_BxNxD)
+    return x_BxNxD
 
   def embed(self, tokens_BxN: Array) -> Array:
     # Gather from a table that is whole along 'embed' (FSDP all-gathers it, as for any weight),
@@ -267,11 +272,17 @@ class Model(nn.Module):
     x_BxNxD = jnp.take(table_VxD, tokens_BxN, axis=0).astype(self.cfg.compute_dtype)
     return _residual(x_BxNxD)
 
-  def logits(self, x_BxNxD: Array) -> Array:
-    """final norm and output projection; float32 logits [B, N, V]."""
+  def head(self, x_BxNxD: Array) -> tuple[Array, Array]:
+    """(final-normed features [B, N, D], output projection [D, V]), both in the compute dtype:
+    the inputs of ``loss.fused_cross_entropy``, which never materialises the logits."""
     h = self.final_norm(x_BxNxD)
     w_DxV = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
-    logits = jnp.einsum("bnd,dv->bnv", h, w_DxV.astype(h.dtype),
+    return h, w_DxV.astype(h.dtype)
+
+  def logits(self, x_BxNxD: Array) -> Array:
+    """final norm and output projection; float32 logits [B, N, V]."""
+    h, w_DxV = self.head(x_BxNxD)
+    logits = jnp.einsum("bnd,dv->bnv", h, w_DxV,
                         preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
     return activation(logits, "activation_batch", "activation_length", "activation_vocab")
 

@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   # unrolled copies (faster steps: no [T, ...] residual stacking in a while loop); False as one
   # loop (compile time and program size independent of T). The parameters are shared either way.
   m.unroll_loops = True
+  # Output projection + cross-entropy fused and chunked (yocou_jax/loss.py): positions of every
+  # row per chunk, so only [rows, chunk, vocab] logits exist at a time. 0: per backend (256 on
+  # TPU/GPU, the whole row on CPU); -1: materialise the [rows, seq_len, vocab] logits.
+  m.loss_chunk_size = 0
   # Mixture-of-Experts feed-forward (yocou_jax/moe.py); the fields below apply when ffn = "moe".
   m.ffn = "dense"  # Feed-forward of every layer: dense (SwiGLU d_ff) or moe.
   m.num_experts = 8  # Routed experts E.

@@ -12,7 +12,8 @@ two up to the longest request) and each batch to a power-of-two row count within
 budget, so a whole evaluation compiles a few programs per bucket rather than one per request.
 Scoring feeds the rows through the engine in chunks (bounded memory at any length): chunks
 before the first scored position run without the output head (the engine's early exit for
-yoco/yocou), the others through :func:`engine.chunk_logits`, log-softmax in float32.
+yoco/yocou), the others through :func:`engine.chunk_features` and the training loss's fused
+head (:func:`loss.token_logprobs`: float32, without materialising the logits).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from yocou_jax import loss as loss_lib
 from yocou_jax.config import ModelConfig
 from yocou_jax.evaluation import report
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.inference import sampling as sampling_lib
+from yocou_jax.model import Model
 
 Array = jax.Array
 MIN_BUCKET = 64
@@ -51,11 +53,12 @@ class Score:
 
 
 def _score_chunk(params, state, tokens_BxC, counts_B, targets_BxC, *, cfg, opts):
-  logits_BxCxV, state = engine_lib.chunk_logits(params, state, tokens_BxC, counts_B, cfg=cfg,
-                                                opts=opts)
-  logp_BxCxV = jax.nn.log_softmax(logits_BxCxV.astype(jnp.float32), axis=-1)
-  logp_BxC = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  hit_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
+  x_BxCxD, state = engine_lib.chunk_features(params, state, tokens_BxC, counts_B, cfg=cfg,
+                                             opts=opts)
+  h_BxCxD, w_DxV = Model(cfg).apply({"params": params}, x_BxCxD, method=Model.head)
+  # The training loss's fused head: float32 log-probabilities, [B, C, V] never materialised.
+  logp_BxC, hit_BxC = loss_lib.token_logprobs(h_BxCxD, w_DxV, targets_BxC,
+                                              max(cfg.loss_chunk_size, 0))
   return logp_BxC, hit_BxC, state
 
 

@@ -208,12 +208,19 @@ def forward_chunk(params: Params, state: DecodeState, tokens_BxC: Array, counts_
   return x_BxCxD, DecodeState(cache=cache_lib.constrain(cache), lengths=lengths_B + counts_B)
 
 
-def _head(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
-          cfg: ModelConfig, opts: Options) -> Array:
-  """Cross-decoder (yoco/yocou) and output head: float32 logits [B, C, V]."""
+def _features(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
+              cfg: ModelConfig, opts: Options) -> Array:
+  """Cross-decoder (yoco/yocou): the final features [B, C, D] (``Model.features``)."""
   if cfg.is_decoder_decoder:
     x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"][0], x_BxCxD, positions_BxC,
                            opts)
+  return x_BxCxD
+
+
+def _head(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
+          cfg: ModelConfig, opts: Options) -> Array:
+  """Cross-decoder (yoco/yocou) and output head: float32 logits [B, C, V]."""
+  x_BxCxD = _features(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts)
   return Model(cfg).apply({"params": params}, x_BxCxD, method=Model.logits)
 
 
@@ -232,16 +239,17 @@ def prefill_logits(params: Params, state: DecodeState, last_x_BxD: Array, *, cfg
   return _head(params, state, last_x_BxD[:, None], positions_Bx1, cfg=cfg, opts=opts)[:, 0]
 
 
-def chunk_logits(params: Params, state: DecodeState, tokens_BxC: Array, counts_B: Array, *,
-                 cfg: ModelConfig, opts: Options) -> tuple[Array, DecodeState]:
-  """A prefill chunk that also returns the logits [B, C, V] at every fed position (scoring).
+def chunk_features(params: Params, state: DecodeState, tokens_BxC: Array, counts_B: Array, *,
+                   cfg: ModelConfig, opts: Options) -> tuple[Array, DecodeState]:
+  """A prefill chunk that also returns the final features [B, C, D] at every fed position.
 
-  Positions past ``counts_B`` hold padding logits. yoco/yocou run the cross-decoder on the whole
-  chunk (no early exit), over the global K/V written up to each position.
+  Positions past ``counts_B`` hold padding. yoco/yocou run the cross-decoder on the whole chunk
+  (no early exit), over the global K/V written up to each position. Scoring turns them into
+  log-probabilities without materialising the logits (``loss.token_logprobs``).
   """
   positions_BxC = _positions(state.lengths, tokens_BxC.shape[1])
   x_BxCxD, state = forward_chunk(params, state, tokens_BxC, counts_B, cfg=cfg, opts=opts)
-  return _head(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts), state
+  return _features(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts), state
 
 
 def decode_step(params: Params, state: DecodeState, tokens_B: Array, *, cfg: ModelConfig,

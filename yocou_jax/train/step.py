@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from yocou_jax import moe as moe_lib
 from yocou_jax import sharding as sharding_lib
-from yocou_jax.loss import cross_entropy, next_token_targets
+from yocou_jax.loss import cross_entropy, fused_cross_entropy, next_token_targets
 from yocou_jax.train import optimizer as optimizer_lib
 
 Batch = dict[str, jax.Array]
@@ -71,11 +71,11 @@ def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
   def loss_fn(p):
     inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
     if _is_moe(model):
-      logits, sown = model.apply({"params": p}, *inputs, mutable=["intermediates"])
+      x, sown = model.apply({"params": p}, *inputs, method="features", mutable=["intermediates"])
     else:
-      logits = model.apply({"params": p}, *inputs)
+      x = model.apply({"params": p}, *inputs, method="features")
     targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
-    _, aux = cross_entropy(logits, targets, weights, z_loss)
+    _, aux = head_loss(model, p, x, targets, weights, z_loss)
     loss = aux["loss_sum"] + z_loss * aux["z_loss_sum"]
     if _is_moe(model):
       # Router losses are per-token means; weighted by the tokens so microbatches add up.
@@ -86,6 +86,21 @@ def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, aux
+
+
+def head_loss(model: nn.Module, params: Any, x_BxNxD: jax.Array, targets_BxN: jax.Array,
+              weights_BxN: jax.Array, z_loss: float = 0.0):
+  """``cross_entropy``'s (loss, aux) of the model's final features (``Model.features``).
+
+  Fused and chunked over positions (``loss.fused_cross_entropy``: the [B, N, V] logits are never
+  materialised) unless ``cfg.loss_chunk_size`` is -1.
+  """
+  if model.cfg.loss_chunk_size < 0:
+    logits = model.apply({"params": params}, x_BxNxD, method="logits")
+    return cross_entropy(logits, targets_BxN, weights_BxN, z_loss)
+  h_BxNxD, w_DxV = model.apply({"params": params}, x_BxNxD, method="head")
+  return fused_cross_entropy(h_BxNxD, w_DxV, targets_BxN, weights_BxN, z_loss,
+                             model.cfg.loss_chunk_size)
 
 
 def _is_moe(model: nn.Module) -> bool:
@@ -134,10 +149,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict:
-  logits = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                       batch["positions"])
+  x_BxNxD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                        batch["positions"], method="features")
   targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
-  _, aux = cross_entropy(logits, targets, weights)
+  _, aux = head_loss(model, params, x_BxNxD, targets, weights)
   return {"loss_sum": aux["loss_sum"], "num_tokens": aux["num_tokens"]}
 
 
