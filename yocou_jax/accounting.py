@@ -45,7 +45,7 @@ GLOBAL_KV = "global_kv"  # Produces the global K/V: one N-token cache, no attent
 
 # Parts in forward order (the order of tables and breakdowns).
 PART_ORDER = ("embedding", "self_decoder", "global_kv", "cross_decoder", "recursive", "decoder",
-              "final_norm", "lm_head")
+              "final_norm", "stream_aggregation", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Part:
   attention_layers: int  # Attention layers per application.
   attention: Optional[str]  # CAUSAL, WINDOW, CROSS, GLOBAL_KV or None.
   last_token_only_in_prefill: bool  # yoco/yocou early exit: the cross-decoder and the head.
+  prefix_keys: int = 0  # ParScale: learned prefix keys every query of the part also reads.
 
 
 # --- the abstract parameter tree -------------------------------------------------------------
@@ -100,6 +101,12 @@ def _attention_layers(tree: Any) -> int:
 def _applications(cfg: ModelConfig, name: str) -> int:
   looped = {"self_decoder": cfg.arch == "yocou", "recursive": cfg.arch == "rins",
             "decoder": cfg.arch == "looped"}
+  if name == "decoder" and cfg.arch == "parscale":
+    return cfg.num_streams  # Every stream runs the whole stack.
+  if name == "cross_decoder":
+    return cfg.cross_iterations  # T for the upper loops.
+  if name == "global_kv":
+    return cfg.global_kv_iterations  # T without shared KV.
   return cfg.num_iterations if looped.get(name, False) else 1
 
 
@@ -135,8 +142,9 @@ def model_parts(cfg: ModelConfig) -> tuple[Part, ...]:
         applications=_applications(cfg, name),
         attention_layers=_attention_layers(tree) if kind in (CAUSAL, WINDOW, CROSS) else 0,
         attention=kind,
-        last_token_only_in_prefill=(name in ("lm_head", "cross_decoder")
-                                    or (name == "embedding" and cfg.tie_embeddings))))
+        last_token_only_in_prefill=(name in ("lm_head", "cross_decoder", "stream_aggregation")
+                                    or (name == "embedding" and cfg.tie_embeddings)),
+        prefix_keys=cfg.stream_prefix_length if kind == CAUSAL else 0))
   return tuple(parts)
 
 
@@ -170,7 +178,7 @@ def _part_flops_per_token(cfg: ModelConfig, part: Part, seq_len: int) -> dict[st
   attention = 0.0
   if part.attention_layers:
     attention = (part.attention_layers * part.applications * _flops_per_key(cfg)
-                 * average_keys(cfg, part.attention, seq_len))
+                 * (average_keys(cfg, part.attention, seq_len) + part.prefix_keys))
   return {"matmul": matmul, "attention": attention}
 
 
@@ -199,20 +207,27 @@ def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
   Transformer-like archs run every layer over all N tokens; yoco/yocou run the self-decoder (all
   T iterations) and the global K/V projection over all N tokens and, by early exit, the
   cross-decoder over the last token only (reading all N keys). The head runs on the last token.
+  yoco_upper_loop_nokv runs its first T - 1 cross-decoder iterations over all N tokens (the
+  next iteration's K/V need their outputs everywhere) and only the last on the last token.
   """
   total = 0.0
   for part in model_parts(cfg):
-    if part.last_token_only_in_prefill:
-      total += decode_part_flops(cfg, part, prompt_len)
-    else:
-      per_token = _part_flops_per_token(cfg, part, prompt_len)
+    last_only = part.applications if part.last_token_only_in_prefill else 0
+    if part.name == "cross_decoder" and cfg.global_kv_iterations > 1:
+      last_only = 1
+    if last_only:
+      total += decode_part_flops(cfg, dataclasses.replace(part, applications=last_only),
+                                 prompt_len)
+    if part.applications > last_only:
+      per_token = _part_flops_per_token(
+          cfg, dataclasses.replace(part, applications=part.applications - last_only), prompt_len)
       total += prompt_len * (per_token["matmul"] + per_token["attention"])
   return total
 
 
 def decode_part_flops(cfg: ModelConfig, part: Part, context: int) -> float:
   """One new token through ``part`` at ``context`` cached tokens (full: N keys, SWA: min(W, N))."""
-  keys = min(cfg.window, context) if part.attention == WINDOW else context
+  keys = min(cfg.window, context) if part.attention == WINDOW else context + part.prefix_keys
   attention = part.attention_layers * part.applications * _flops_per_key(cfg) * keys
   return 2.0 * part.active_matmul_params * part.applications + attention
 
@@ -232,16 +247,17 @@ def kv_bytes_per_token(cfg: ModelConfig) -> int:
 def kv_cache_breakdown(cfg: ModelConfig, context: int, batch: int = 1) -> dict[str, int]:
   """Inference cache bytes at ``context`` tokens: {"global", "local", "total", "bytes_per_token"}.
 
-  "global" holds the caches that grow with the context (every full-attention layer application;
-  YOCO's single global K/V), "local" the sliding-window ring buffers of min(W, context) tokens,
-  one per (self-decoder layer, iteration) pair.
+  "global" holds the caches that grow with the context (every full-attention layer application,
+  ParScale's P streams each with its prefix in front; YOCO's global K/V, once, or once per
+  upper-loop iteration without shared KV), "local" the sliding-window ring buffers of
+  min(W, context) tokens, one per (self-decoder layer, iteration) pair.
   """
   global_tokens = local_tokens = 0
   for part in model_parts(cfg):
     if part.attention == CAUSAL:
-      global_tokens += part.attention_layers * part.applications * context
+      global_tokens += part.attention_layers * part.applications * (context + part.prefix_keys)
     elif part.attention == GLOBAL_KV:
-      global_tokens += context
+      global_tokens += part.applications * context
     elif part.attention == WINDOW:
       local_tokens += part.attention_layers * part.applications * min(cfg.window, context)
   per_token = kv_bytes_per_token(cfg) * batch

@@ -256,10 +256,12 @@ def _trip_count(cfg: ModelConfig, part: accounting.Part) -> int:
   """How many times XLA's cost analysis under-counts a part: its scan trip counts."""
   if not part.attention_layers and part.attention != accounting.GLOBAL_KV:
     return 1  # Embedding, head, final norm: not scanned.
+  # The layer scan always loops; the iteration scan only when it is not unrolled. ParScale's
+  # streams are batch rows, not a loop.
+  iterations = 1 if cfg.unroll_loops or cfg.arch == "parscale" else part.applications
   if part.attention == accounting.GLOBAL_KV:
-    return 1
-  # The layer scan always loops; the iteration scan only when it is not unrolled.
-  return part.attention_layers * (1 if cfg.unroll_loops else part.applications)
+    return iterations  # Looped only by the upper loop without shared KV.
+  return part.attention_layers * iterations
 
 
 def train_flops(cfg: ModelConfig, seq_len: int, batch_size: int, microbatches: int,
@@ -312,7 +314,8 @@ def compile_train(config: Any, topology: str, mesh: Mesh) -> Report:
   compiled, seconds, error = _compile(lower_and_compile)
   known = {"parameters": _shard_bytes(state.params),
            "optimizer_state": _shard_bytes(state.opt_state) + _shard_bytes(state.step)}
-  pallas = cfg.attention_impl in ("pallas", "auto")  # auto -> pallas on TPU.
+  # auto -> pallas on TPU, except ParScale's prefix attention (always XLA).
+  pallas = cfg.attention_impl in ("pallas", "auto") and not cfg.stream_prefix_length
   flops = train_flops(cfg, seq_len, t.batch_size, t.microbatches, attention_visible=not pallas)
   extra = {"params": accounting.param_counts(cfg)["total"], "seq_len": seq_len,
            "batch_size": t.batch_size, "microbatches": t.microbatches, "remat": cfg.remat,
@@ -359,7 +362,8 @@ def compile_inference(config: Any, topology: str, mesh: Mesh, mode: str, batch: 
   else:
     fn = lambda p, s, x, tok, n: engine_lib.prefill_chunk(p, s, x, tok, n, cfg=cfg, opts=opts)  # pylint: disable=unnecessary-lambda-assignment
     args = (params, state,
-            jax.ShapeDtypeStruct((batch, cfg.d_model), cfg.compute_dtype, sharding=rows),
+            jax.ShapeDtypeStruct((cfg.streams * batch, cfg.d_model), cfg.compute_dtype,
+                                 sharding=rows),
             jax.ShapeDtypeStruct((batch, chunk), jnp.int32,
                                  sharding=data if sharded_rows else replicated),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows))

@@ -108,22 +108,25 @@ def dense_attention(
     q_segment_ids: Optional[Array] = None,
     kv_segment_ids: Optional[Array] = None,
     q_offset: int = 0,
+    num_prefix: int = 0,
 ) -> Array:
   """Materialises the full score matrix. For tests and short inputs only.
 
   Query i (absolute index ``q_offset + i``) sees key j when ``j <= q_offset + i`` and, with a
-  window, ``q_offset + i - j < window``.
+  window, ``q_offset + i - j < window``. The first ``num_prefix`` keys are a prefix that every
+  query sees (ParScale's learned prefix); key indices (and ``kv_segment_ids``) start after it.
   """
   n, s = q_BxNxHxD.shape[1], k_BxSxKxD.shape[1]
   q_BxKxGxNxD = _group_queries(q_BxNxHxD, k_BxSxKxD.shape[2]).transpose(0, 2, 3, 1, 4)
   qi = q_offset + jnp.arange(n)[:, None]
-  kj = jnp.arange(s)[None, :]
+  kj = jnp.arange(s)[None, :] - num_prefix
   mask_NxS = kj <= qi
   if window is not None:
-    mask_NxS &= qi - kj < window
+    mask_NxS &= (qi - kj < window) | (kj < 0)
   mask = mask_NxS[None, None, None]
   if q_segment_ids is not None:
     seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    seg = jnp.pad(seg, ((0, 0), (0, 0), (num_prefix, 0)), constant_values=True)
     mask = mask & seg[:, None, None]
   out_BxKxGxNxD = attend(q_BxKxGxNxD, k_BxSxKxD.transpose(0, 2, 1, 3),
                           v_BxSxKxD.transpose(0, 2, 1, 3), mask, q_BxNxHxD.shape[-1] ** -0.5)
@@ -204,8 +207,12 @@ def causal_attention(
     *,
     segment_ids: Optional[Array] = None,
     block_size: int = 512,
+    prefix: Optional[tuple[Array, Array]] = None,
 ) -> Array:
   """Full causal attention that never materialises an N x N score matrix.
+
+  ``prefix``: optional (keys, values) [B, M, K, D] that every query sees before its causal keys
+  (ParScale's per-stream prefix; no RoPE, no segment).
 
   Queries are processed in chunks of C; chunk i only reads keys ``[0, (i+1)*C)`` (the causal
   prefix), so the work is about N^2/2 and the largest score tensor is C x N. The gradient of
@@ -218,8 +225,13 @@ def causal_attention(
   if segment_ids is None:
     segment_ids = jnp.ones((b, n), jnp.int32)
 
+  num_prefix = 0 if prefix is None else prefix[0].shape[1]
+
   def chunk(q, k, v, seg_q, seg_k, offset):
-    return dense_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k, q_offset=offset)
+    if num_prefix:
+      k, v = jnp.concatenate([prefix[0], k], axis=1), jnp.concatenate([prefix[1], v], axis=1)
+    return dense_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k, q_offset=offset,
+                           num_prefix=num_prefix)
 
   outs = []
   for start in range(0, n, c):
@@ -230,7 +242,7 @@ def causal_attention(
 
 
 def self_attention(q, k, v, *, window: Optional[int], segment_ids, impl: str = "xla",
-                   block_size: int = 128) -> Array:
+                   block_size: int = 128, prefix: Optional[tuple[Array, Array]] = None) -> Array:
   """The dispatch point for every attention in the model (``config.model.attention_impl``).
 
   ``window=None`` is full causal attention (Transformer layers and the cross-decoder, whose
@@ -240,9 +252,18 @@ def self_attention(q, k, v, *, window: Optional[int], segment_ids, impl: str = "
   Triton on GPU, and on a CPU backend the same TPU kernels in Pallas interpret mode, so
   ``pallas`` runs the real kernel code in CPU tests), ``cudnn`` (GPU), or ``auto`` (pallas on
   TPU and GPU, xla on CPU). See ``kernels.ops``.
+
+  ``prefix`` (ParScale's learned per-stream K/V, see :func:`causal_attention`) runs the xla
+  causal path whatever ``impl`` (``auto``) is; the kernels have no prefix.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; allowed: {ATTENTION_IMPLS}")
+  if prefix is not None:
+    if window is not None or impl not in ("xla", "auto"):
+      raise ValueError(f"a prefix needs full causal attention with impl xla or auto, not "
+                       f"window={window}, impl={impl!r}")
+    return causal_attention(q, k, v, segment_ids=segment_ids, block_size=block_size,
+                            prefix=prefix)
   if impl != "xla":
     from kernels import ops  # pylint: disable=g-import-not-at-top  # Pallas loads lazily.
     impl = ops.resolve_impl(impl)

@@ -12,7 +12,10 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-ARCHS = ("transformer", "yoco", "yocou", "rins", "looped")
+ARCHS = ("transformer", "yoco", "yocou", "rins", "looped", "parscale", "yoco_upper_loop",
+         "yoco_upper_loop_nokv")
+# The decoder-decoder archs: a self-decoder, one global K/V and a cross-decoder.
+DECODER_DECODER_ARCHS = ("yoco", "yocou", "yoco_upper_loop", "yoco_upper_loop_nokv")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
@@ -65,6 +68,10 @@ class ModelConfig:
   expert_sharding: str = "fsdp"
   moe_matmul: str = "auto"  # Grouped matmul of the dropless experts; auto: per backend.
   moe_block_rows: int = 128  # Row block of the blocked and megablox grouped matmuls.
+  # ParScale (arch="parscale"): P parallel streams of one transformer; see yocou_jax/parscale.py.
+  num_streams: int = 2
+  prefix_length: int = 48
+  stream_weight_smoothing: float = 0.01
 
   def __post_init__(self):
     self.validate()
@@ -86,7 +93,32 @@ class ModelConfig:
   # --- derived -----------------------------------------------------------------------------
   @property
   def is_decoder_decoder(self) -> bool:
-    return self.arch in ("yoco", "yocou")
+    return self.arch in DECODER_DECODER_ARCHS
+
+  @property
+  def is_upper_loop(self) -> bool:
+    """yoco_upper_loop(_nokv): the cross-decoder, not the self-decoder, runs T times."""
+    return self.arch in ("yoco_upper_loop", "yoco_upper_loop_nokv")
+
+  @property
+  def cross_iterations(self) -> int:
+    """How many times the cross-decoder runs (T for the upper loops, else 1)."""
+    return self.num_iterations if self.is_upper_loop else 1
+
+  @property
+  def global_kv_iterations(self) -> int:
+    """How many global K/V the model computes and caches (T without shared KV, else 1)."""
+    return self.num_iterations if self.arch == "yoco_upper_loop_nokv" else 1
+
+  @property
+  def streams(self) -> int:
+    """ParScale's P parallel streams (1 for every other arch)."""
+    return self.num_streams if self.arch == "parscale" else 1
+
+  @property
+  def stream_prefix_length(self) -> int:
+    """Learned prefix K/V tokens per stream and layer (ParScale only; 0 otherwise)."""
+    return self.prefix_length if self.arch == "parscale" else 0
 
   @property
   def compute_dtype(self):
@@ -109,7 +141,8 @@ class ModelConfig:
   @property
   def iterations(self) -> int:
     """How many times the looped block runs (1 for the non-looped archs)."""
-    return self.num_iterations if self.arch in ("yocou", "rins", "looped") else 1
+    looped = ("yocou", "rins", "looped", "yoco_upper_loop", "yoco_upper_loop_nokv")
+    return self.num_iterations if self.arch in looped else 1
 
   def validate(self) -> None:
     def fail(field: str, allowed: str):
@@ -133,6 +166,8 @@ class ModelConfig:
         fail("window", "must be a positive integer (sliding-window length W)")
       if self.num_layers < 2 or self.num_layers % 2:
         fail("num_layers", "must be even and >= 2 for yoco/yocou (half self-, half cross-decoder)")
+    if self.arch == "parscale":
+      self._validate_parscale(fail)
     if self.arch == "rins" and not 1 <= self.num_recursive_layers <= self.num_layers:
       fail("num_recursive_layers", f"must be in [1, num_layers={self.num_layers}]")
     if self.dtype not in DTYPES:
@@ -152,6 +187,18 @@ class ModelConfig:
       fail("ffn", f"allowed: {', '.join(FFNS)}")
     if self.ffn == "moe":
       self._validate_moe(fail)
+
+  def _validate_parscale(self, fail) -> None:
+    if not isinstance(self.num_streams, int) or isinstance(self.num_streams, bool) or (
+        self.num_streams <= 0):
+      fail("num_streams", "must be a positive integer (ParScale's P)")
+    if not isinstance(self.prefix_length, int) or isinstance(self.prefix_length, bool) or (
+        self.prefix_length < 0):
+      fail("prefix_length", "must be a non-negative integer")
+    if not 0.0 <= self.stream_weight_smoothing < 1.0:
+      fail("stream_weight_smoothing", "must be in [0, 1)")
+    if self.prefix_length and self.attention_impl in ("pallas", "cudnn"):
+      fail("attention_impl", "parscale with prefix_length > 0 runs xla attention (or auto)")
 
   def _validate_moe(self, fail) -> None:
     for field in ("num_experts", "num_experts_per_token", "expert_d_ff"):

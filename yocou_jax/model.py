@@ -21,6 +21,11 @@ The archs (L = num_layers, T = num_iterations, W = window)::
                       -> cross-decoder: L/2 layers attending to K,V -> norm -> head
   yocou         yoco with the whole self-decoder applied T times (the Universal Self-Decoder);
                 the global K,V are computed once, from the last iteration's output.
+  yoco_upper_loop       yoco with the cross-decoder applied T times over the one global K,V.
+  yoco_upper_loop_nokv  the same, each iteration making its own K,V from its input.
+  parscale      P copies of the transformer (P x B rows, a learned K/V prefix per stream and
+                layer), final norm, learned weighted sum of the streams -> head
+                (yocou_jax/parscale.py).
 
 Inputs are packed rows: ``tokens``, ``segment_ids`` (documents 1, 2, ...; 0 = padding) and
 ``positions`` (restarting at 0 per document; RoPE uses them). Attention never crosses documents.
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 
 from yocou_jax import attention as attention_lib
 from yocou_jax import moe as moe_lib
+from yocou_jax import parscale as parscale_lib
 from yocou_jax.config import ModelConfig
 from yocou_jax.layers import Projection, RMSNorm, activation, apply_rope, param_init
 
@@ -77,9 +83,12 @@ class SelfAttention(nn.Module):
     v = Projection(cfg, (cfg.num_kv_heads, cfg.head_dim), kv, name="value")(x_BxNxD)
     q_BxNxHxD = apply_rope(q, positions_BxN, cfg.rope_theta)
     k_BxNxKxD = apply_rope(k, positions_BxN, cfg.rope_theta)
+    prefix = None
+    if cfg.stream_prefix_length:  # ParScale: this stream's learned prefix K/V.
+      prefix = parscale_lib.StreamPrefix(cfg, name="prefix")(x_BxNxD.shape[0])
     out_BxNxHxD = attention_lib.self_attention(
         q_BxNxHxD, k_BxNxKxD, v, window=self.window, segment_ids=segment_ids_BxN,
-        impl=cfg.attention_impl, block_size=cfg.attention_block_size)
+        impl=cfg.attention_impl, block_size=cfg.attention_block_size, prefix=prefix)
     return Projection(cfg, (cfg.d_model,), ("q_heads", "head_dim", "embed"), in_axes=2,
                       name="out")(out_BxNxHxD)
 
@@ -153,6 +162,23 @@ class LayerStack(nn.Module):
     return x_BxNxD, None
 
 
+def shared_loop(target, cfg: ModelConfig, num_iterations: int, num_broadcast: int):
+  """``target`` (a scan-shaped module class or ``fn(module, carry, *args)``) applied
+  ``num_iterations`` times with one parameter set; the trailing ``num_broadcast`` args are
+  passed unchanged to every iteration."""
+  return nn.scan(
+      target,
+      variable_broadcast="params",  # One parameter set, shared by every iteration.
+      variable_axes={INTERMEDIATES: 0},  # Residuals and MoE statistics, per iteration.
+      split_rngs={"params": False},
+      in_axes=(nn.broadcast,) * num_broadcast,
+      length=num_iterations,
+      # Unrolled, each application keeps its own residuals; as a while loop XLA stacks them
+      # into [T, ...] buffers, which costs ~20% of a yocou training step on CPU.
+      unroll=num_iterations if cfg.unroll_loops else 1,
+  )
+
+
 class LoopedStack(nn.Module):
   """A :class:`LayerStack`, applied ``num_iterations`` times with one set of weights.
 
@@ -170,17 +196,7 @@ class LoopedStack(nn.Module):
   def __call__(self, x_BxNxD, segment_ids_BxN, positions_BxN):
     stack_cls = LayerStack
     if self.looped:
-      stack_cls = nn.scan(
-          LayerStack,
-          variable_broadcast="params",  # One parameter set, shared by every iteration.
-          variable_axes={INTERMEDIATES: 0},  # Residuals and MoE statistics, per iteration.
-          split_rngs={"params": False},
-          in_axes=(nn.broadcast, nn.broadcast),
-          length=self.num_iterations,
-          # Unrolled, each application keeps its own residuals; as a while loop XLA stacks them
-          # into [T, ...] buffers, which costs ~20% of a yocou training step on CPU.
-          unroll=self.num_iterations if self.cfg.unroll_loops else 1,
-      )
+      stack_cls = shared_loop(LayerStack, self.cfg, self.num_iterations, num_broadcast=2)
     x_BxNxD, _ = stack_cls(self.cfg, self.num_layers, self.window, name="stack")(
         x_BxNxD, segment_ids_BxN, positions_BxN)
     return x_BxNxD
@@ -231,7 +247,7 @@ class Model(nn.Module):
                                       looped=cfg.arch == "yocou")
       self.global_kv = GlobalKV(cfg)
       self.cross_decoder = CrossDecoder(cfg, cfg.num_cross_layers)
-    elif cfg.arch == "transformer":
+    elif cfg.arch in ("transformer", "parscale"):
       self.decoder = LoopedStack(cfg, cfg.num_layers, None)
     elif cfg.arch == "looped":
       self.decoder = LoopedStack(cfg, cfg.num_layers, None, cfg.num_iterations, looped=True)
@@ -241,6 +257,8 @@ class Model(nn.Module):
       if cfg.num_layers > cfg.num_recursive_layers:
         self.decoder = LoopedStack(cfg, cfg.num_layers - cfg.num_recursive_layers, None)
     self.final_norm = RMSNorm(cfg)
+    if cfg.streams > 1:
+      self.stream_aggregation = parscale_lib.StreamAggregation(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = self.param("lm_head", param_init(cfg, ("embed", "vocab")),
                                 (cfg.d_model, cfg.vocab_size), jnp.float32)
@@ -254,7 +272,13 @@ class Model(nn.Module):
     """The residual stream after the last layer, before the final norm: [B, N, D]."""
     segment_ids_BxN, positions_BxN = default_segments(tokens_BxN, segment_ids_BxN, positions_BxN)
     x_BxNxD = self.embed(tokens_BxN)
-    if self.cfg.is_decoder_decoder:
+    if self.cfg.arch == "parscale":  # P streams as P x B rows.
+      x_BxNxD, segment_ids_BxN, positions_BxN = parscale_lib.replicate_streams(
+          self.cfg.num_streams, x_BxNxD, segment_ids_BxN, positions_BxN)
+    if self.cfg.is_upper_loop:
+      x_BxNxD = self.self_decoder(x_BxNxD, segment_ids_BxN, positions_BxN)
+      x_BxNxD = self.upper_loop(x_BxNxD, segment_ids_BxN, positions_BxN)
+    elif self.cfg.is_decoder_decoder:
       x_BxNxD = self.self_decoder(x_BxNxD, segment_ids_BxN, positions_BxN)
       k_BxNxKxD, v_BxNxKxD = self.global_kv(x_BxNxD, positions_BxN)
       x_BxNxD = self.cross_decoder(x_BxNxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, positions_BxN)
@@ -263,7 +287,41 @@ class Model(nn.Module):
         x_BxNxD = self.recursive(x_BxNxD, segment_ids_BxN, positions_BxN)
       if hasattr(self, "decoder"):
         x_BxNxD = self.decoder(x_BxNxD, segment_ids_BxN, positions_BxN)
+    if self.cfg.arch == "parscale":  # Normed per stream, then aggregated.
+      x_BxNxD = self.aggregate_streams(x_BxNxD)
     return x_BxNxD
+
+  def upper_loop(self, x_BxNxD: Array, segment_ids_BxN: Array, positions_BxN: Array) -> Array:
+    """The cross-decoder applied T times with its one set of weights (Table 5's upper loop).
+
+    yoco_upper_loop: every iteration reads the one global K/V made from the self-decoder's
+    output. yoco_upper_loop_nokv: each iteration makes its own K/V from its own input with the
+    shared GlobalKV (norm, W_K, W_V), so iteration 1 reads yoco's K/V and iteration t the
+    K/V of the (t-1)-th cross-decoder output; inference keeps one global cache per iteration.
+    """
+    def shared_kv(model, x, k, v, segment_ids, positions):
+      return model.cross_decoder(x, k, v, segment_ids, positions), None
+
+    def own_kv(model, x, segment_ids, positions):
+      k, v = model.global_kv(x, positions)
+      return model.cross_decoder(x, k, v, segment_ids, positions), None
+
+    t = self.cfg.num_iterations
+    if self.cfg.arch == "yoco_upper_loop_nokv":
+      x_BxNxD, _ = shared_loop(own_kv, self.cfg, t, 2)(self, x_BxNxD, segment_ids_BxN,
+                                                        positions_BxN)
+    else:
+      kv = self.global_kv(x_BxNxD, positions_BxN)
+      x_BxNxD, _ = shared_loop(shared_kv, self.cfg, t, 4)(self, x_BxNxD, *kv, segment_ids_BxN,
+                                                           positions_BxN)
+    return x_BxNxD
+
+  def aggregate_streams(self, x_PBxNxD: Array) -> Array:
+    """ParScale: final norm of each stream, then their learned weighted sum (already normed)."""
+    h_PBxNxD = self.final_norm(x_PBxNxD)
+    if self.cfg.streams == 1:
+      return h_PBxNxD
+    return self.stream_aggregation(h_PBxNxD)
 
   def embed(self, tokens_BxN: Array) -> Array:
     # Gather from a table that is whole along 'embed' (FSDP all-gathers it, as for any weight),
@@ -274,8 +332,12 @@ class Model(nn.Module):
 
   def head(self, x_BxNxD: Array) -> tuple[Array, Array]:
     """(final-normed features [B, N, D], output projection [D, V]), both in the compute dtype:
-    the inputs of ``loss.fused_cross_entropy``, which never materialises the logits."""
-    h = self.final_norm(x_BxNxD)
+    the inputs of ``loss.fused_cross_entropy``, which never materialises the logits.
+
+    For parscale the features are the aggregated streams, normed before aggregation (as
+    officially), so they are not normed again.
+    """
+    h = x_BxNxD if self.cfg.arch == "parscale" else self.final_norm(x_BxNxD)
     w_DxV = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
     return h, w_DxV.astype(h.dtype)
 

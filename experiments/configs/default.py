@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- model -----------------------------------------------------------------------------------
   m = config.model = ml_collections.ConfigDict()
-  m.arch = "yocou"  # One of: transformer, yoco, yocou, rins, looped.
+  m.arch = "yocou"  # transformer, yoco, yocou, rins, looped, parscale, yoco_upper_loop(_nokv).
   m.num_layers = 4  # Total layers; for yoco/yocou half self-decoder, half cross-decoder.
   m.d_model = 128  # Residual stream width.
   m.num_heads = 4  # Query heads.
@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.d_ff = 384  # SwiGLU hidden width.
   m.vocab_size = 384  # >= the tokenizer's vocabulary (bytes: 259), a multiple of 128.
   m.window = 64  # Sliding window W of the self-decoder (keys i-W+1..i).
-  m.num_iterations = 3  # T: loops of the self-decoder (yocou) / recursive block (rins, looped).
+  m.num_iterations = 3  # T: loops of the self-decoder (yocou), recursive block (rins, looped),
+  # or cross-decoder (yoco_upper_loop: one shared K/V; yoco_upper_loop_nokv: K/V per iteration).
   m.num_recursive_layers = 2  # rins: how many leading layers are looped.
   m.cross_rope = False  # yoco/yocou: RoPE on cross-decoder Q and global K (NoPE by default).
   m.tie_embeddings = False  # Share the input embedding with the output projection.
@@ -57,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ragged_dot, blocked (row blocks of one expert each), megablox (TPU Pallas; interpreted off TPU).
   m.moe_matmul = "auto"
   m.moe_block_rows = 128  # Row block of the blocked and megablox grouped matmuls (multiple of 8).
+  # ParScale (arch="parscale", yocou_jax/parscale.py): P streams of one transformer.
+  m.num_streams = 2  # P parallel streams (P x batch rows; ~P x the transformer's FLOPs).
+  m.prefix_length = 48  # Learned prefix K/V tokens per stream and layer (official default 48).
+  m.stream_weight_smoothing = 0.01  # Label smoothing of the stream weights: w (1 - s) + s / P.
 
   # --- data ------------------------------------------------------------------------------------
   d = config.data = ml_collections.ConfigDict()

@@ -2,7 +2,8 @@
 
   --config=experiments/configs/ladder.py:ARCH,SIZE[,PLATFORM[,moe]]
 
-ARCH is one of transformer, yoco, yocou, rins, looped; SIZE a rung below; PLATFORM one of
+ARCH is one of transformer, yoco, yocou, rins, looped, parscale (P = 2 streams: about twice
+the transformer's FLOPs), yoco_upper_loop, yoco_upper_loop_nokv (T = 3); SIZE a rung below; PLATFORM one of
 ``tpu`` (default: full FSDP over every chip, bfloat16, remat), ``gpu`` (FSDP within a host of 8
 GPUs, data parallel across hosts) or ``cpu`` (a tiny smoke-test run of the same shapes' family).
 A trailing ``moe`` swaps every dense FFN for a Mixture-of-Experts of the same *active* width:

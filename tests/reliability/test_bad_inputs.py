@@ -10,7 +10,8 @@ import pytest
 
 from tests import cpu_env
 
-ARCHS = "transformer, yoco, yocou, rins, looped"
+ARCHS = ("transformer, yoco, yocou, rins, looped, parscale, yoco_upper_loop, "
+         "yoco_upper_loop_nokv")
 POSITIVE = "is invalid: must be a positive integer"
 
 # (binary, arguments, the last line it prints to stderr); {run}: a finished tiny run with

@@ -74,6 +74,9 @@ _LAYER_LEAVES = {
     ("mlp", "shared", "gate", "kernel"): "mlp.shared_expert.gate_proj.weight",
     ("mlp", "shared", "up", "kernel"): "mlp.shared_expert.up_proj.weight",
     ("mlp", "shared", "down", "kernel"): "mlp.shared_expert.down_proj.weight",
+    # ParScale's per-stream prefix [P, K, M, Dh] (official ParScale names and layout).
+    ("attn", "prefix", "key"): "self_attn.prefix_k",
+    ("attn", "prefix", "value"): "self_attn.prefix_v",
 }
 _MOE_EXPERT_LEAVES = (("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
 # Qwen2-MoE's shared-expert gate: sigmoid(0) = 1/2, compensated in the shared down projection.
@@ -87,6 +90,11 @@ _TOP_LEAVES = {
     ("global_kv", "norm", "scale"): "model.global_kv.norm.weight",
     ("global_kv", "key", "kernel"): "model.global_kv.k_proj.weight",
     ("global_kv", "value", "kernel"): "model.global_kv.v_proj.weight",
+    # ParScale's stream aggregation MLP (official: Linear, SiLU, Linear).
+    ("stream_aggregation", "hidden", "linear", "kernel"): "model.aggregate_layer.0.weight",
+    ("stream_aggregation", "hidden", "bias"): "model.aggregate_layer.0.bias",
+    ("stream_aggregation", "weights", "linear", "kernel"): "model.aggregate_layer.2.weight",
+    ("stream_aggregation", "weights", "bias"): "model.aggregate_layer.2.bias",
 }
 
 
@@ -320,6 +328,8 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_position_embeddin
       "cross_rope": cfg.cross_rope if cfg.is_decoder_decoder else False,
       "rope_theta": cfg.rope_theta,
       **(_moe_config(cfg) if cfg.ffn == "moe" else {}),
+      **({"parscale_n": cfg.num_streams, "parscale_n_tokens": cfg.prefix_length,
+          "parscale_attn_smooth": cfg.stream_weight_smoothing} if cfg.arch == "parscale" else {}),
   }
 
 

@@ -15,9 +15,18 @@ softmax, SwiGLU, no biases. The archs (L layers, T iterations, W window):
   yoco         L/2 sliding-window layers (key j visible to query i when i - W < j <= i), one global
                K/V = norm(x) W_K, norm(x) W_V, then L/2 cross-decoder layers attending to it
   yocou        yoco with the self-decoder applied T times (shared weights)
+  yoco_upper_loop       yoco with the cross-decoder applied T times over the one global K/V
+  yoco_upper_loop_nokv  the same, each iteration making its own K/V (shared global_kv weights)
+                        from its input: one global K/V cache per iteration
+  parscale     P streams of the transformer (batch rows stream-major), each with a learned
+               prefix K/V per layer (``self_attn.prefix_k/prefix_v``, seen by every query, no
+               RoPE), final norm, then the learned weighted sum of the streams
+               (``aggregate_layer``: Linear(P D, D), SiLU, Linear(D, P), softmax, smoothing);
+               the names follow the official ParScale modeling file
 
 Incremental decoding keeps YOCO-U's cache structure (:class:`YocouCache`): one global K/V for
-all tokens, and for every (self-decoder layer, iteration) pair the last W tokens' K/V only. Prefill
+all tokens (one per iteration for yoco_upper_loop_nokv; ParScale keeps P x batch rows and reads
+its prefixes from the parameters), and for every (self-decoder layer, iteration) pair the last W tokens' K/V only. Prefill
 runs the cross-decoder only on the positions whose logits are asked for (``logits_to_keep``), so
 generation's prefill costs the self-decoder plus one cross-decoder position.
 Positions are plain 0..N-1 (no packed documents, no padding).
@@ -34,7 +43,9 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-ARCHS = ("transformer", "yoco", "yocou", "rins", "looped")
+ARCHS = ("transformer", "yoco", "yocou", "rins", "looped", "parscale", "yoco_upper_loop",
+         "yoco_upper_loop_nokv")
+UPPER_LOOPS = ("yoco_upper_loop", "yoco_upper_loop_nokv")
 QUERY_CHUNK = 512  # Queries per attention block in long forwards (bounds the score memory).
 # What generation utilities call the cache: "cache" in recent transformers 5, else the old name.
 CACHE_KWARG = ("cache" if "cache" in inspect.signature(
@@ -72,6 +83,9 @@ class YocouConfig(PretrainedConfig):
         shared_expert_intermediate_size: int = 0,
         norm_topk_prob: bool = True,
         router_aux_loss_coef: float = 0.0,
+        parscale_n: int = 1,
+        parscale_n_tokens: int = 0,
+        parscale_attn_smooth: float = 0.0,
         use_cache: bool = True,
         **kwargs,
     ):
@@ -106,16 +120,32 @@ class YocouConfig(PretrainedConfig):
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.norm_topk_prob = norm_topk_prob
         self.router_aux_loss_coef = router_aux_loss_coef
+        # ParScale (arch="parscale"), the official names: streams, prefix tokens, smoothing.
+        self.parscale_n = parscale_n
+        self.parscale_n_tokens = parscale_n_tokens
+        self.parscale_attn_smooth = parscale_attn_smooth
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def is_decoder_decoder(self) -> bool:
-        return self.arch in ("yoco", "yocou")
+        return self.arch in ("yoco", "yocou", *UPPER_LOOPS)
+
+    @property
+    def cross_iterations(self) -> int:
+        return self.num_iterations if self.arch in UPPER_LOOPS else 1
+
+    @property
+    def global_kv_iterations(self) -> int:
+        return self.num_iterations if self.arch == "yoco_upper_loop_nokv" else 1
+
+    @property
+    def streams(self) -> int:
+        return self.parscale_n if self.arch == "parscale" else 1
 
     def layer_schedule(self) -> list[int]:
         """Indices of the (self-)decoder layers in the order they run; loops repeat indices."""
         n, t = self.num_hidden_layers, self.num_iterations
-        if self.arch == "transformer":
+        if self.arch in ("transformer", "parscale"):
             return list(range(n))
         if self.arch == "looped":
             return list(range(n)) * t
@@ -134,7 +164,8 @@ class YocouCache:
     ``layers[s]`` holds the post-RoPE keys and values [B, S, K, Dh] of the s-th entry of
     ``config.layer_schedule()``: for yoco/yocou the W most recent tokens of each (self-decoder
     layer, iteration) pair, otherwise every token. ``global_kv`` holds the cross-decoder's K/V of
-    every token, computed once.
+    every token, computed once (``global_kvs``: one per iteration without shared KV). ParScale's
+    entries have P x batch rows, stream-major.
     """
 
     is_compileable = False
@@ -144,8 +175,14 @@ class YocouCache:
         self.window = config.sliding_window if config.is_decoder_decoder else None
         self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(
             config.layer_schedule())
-        self.global_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.global_kvs: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * (
+            config.global_kv_iterations)
+        self.streams = config.streams
         self.seq_length = 0
+
+    @property
+    def global_kv(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return self.global_kvs[0]
 
     @property
     def is_linear(self) -> list[bool]:
@@ -164,23 +201,26 @@ class YocouCache:
         self.layers[slot] = (k[:, -keep:], v[:, -keep:])
         return k, v
 
-    def update_global(self, k: torch.Tensor, v: torch.Tensor):
-        if self.global_kv is not None:
-            k = torch.cat([self.global_kv[0], k], dim=1)
-            v = torch.cat([self.global_kv[1], v], dim=1)
-        self.global_kv = (k, v)
+    def update_global(self, k: torch.Tensor, v: torch.Tensor, index: int = 0):
+        if self.global_kvs[index] is not None:
+            k = torch.cat([self.global_kvs[index][0], k], dim=1)
+            v = torch.cat([self.global_kvs[index][1], v], dim=1)
+        self.global_kvs[index] = (k, v)
         return k, v
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Selects batch rows (beam search)."""
+        """Selects batch rows (beam search); ParScale picks the same rows of every stream."""
+        rows = beam_idx.shape[0]
+        beam_idx = torch.cat([beam_idx + rows * i for i in range(self.streams)])
+
         def pick(kv):
             return None if kv is None else tuple(x.index_select(0, beam_idx) for x in kv)
 
         self.layers = [pick(kv) for kv in self.layers]
-        self.global_kv = pick(self.global_kv)
+        self.global_kvs = [pick(kv) for kv in self.global_kvs]
 
     def num_bytes(self) -> int:
-        entries = [kv for kv in self.layers + [self.global_kv] if kv is not None]
+        entries = [kv for kv in self.layers + self.global_kvs if kv is not None]
         return sum(x.numel() * x.element_size() for kv in entries for x in kv)
 
 
@@ -230,7 +270,7 @@ def attend(q_BxNxHxD, k_BxSxKxD, v_BxSxKxD, q_start: int, k_start: int,
     outs = []
     for start in range(0, n, QUERY_CHUNK):
         end = min(start + QUERY_CHUNK, n)
-        first_visible = q_start + start - (window - 1) if window is not None else 0
+        first_visible = q_start + start - (window - 1) if window is not None else k_start
         lo = max(0, first_visible - k_start)
         hi = q_start + end - k_start
         k, v = k_BxSxKxD[:, lo:hi].float(), v_BxSxKxD[:, lo:hi].float()
@@ -300,6 +340,17 @@ class YocouSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, k * dh, bias=False)
         self.v_proj = nn.Linear(d, k * dh, bias=False)
         self.o_proj = nn.Linear(h * dh, d, bias=False)
+        if config.arch == "parscale" and config.parscale_n_tokens:
+            shape = (config.parscale_n, k, config.parscale_n_tokens, dh)
+            self.prefix_k = nn.Parameter(torch.zeros(shape))
+            self.prefix_v = nn.Parameter(torch.zeros(shape))
+
+    def _with_prefix(self, k, v):
+        """ParScale: each row's stream prefix [M, K, Dh] before its keys and values."""
+        rows_per_stream = k.shape[0] // self.config.parscale_n
+        prefix = [p.repeat_interleave(rows_per_stream, dim=0).transpose(1, 2).to(k.dtype)
+                  for p in (self.prefix_k, self.prefix_v)]
+        return torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
 
     def forward(self, x, positions, cache: Optional[YocouCache], slot: int):
         b, n, _ = x.shape
@@ -311,6 +362,8 @@ class YocouSelfAttention(nn.Module):
         v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim)
         if cache is not None:
             k, v = cache.update(slot, k, v)
+        if hasattr(self, "prefix_k"):  # At positions -M..-1: visible to every (causal) query.
+            k, v = self._with_prefix(k, v)
         q_start = int(positions[0])
         out = attend(q, k, v, q_start, q_start + n - k.shape[1], self.window)
         return self.o_proj(out.reshape(b, n, -1))
@@ -404,7 +457,25 @@ class YocouModel(YocouPreTrainedModel):
                 YocouCrossDecoderLayer(config)
                 for _ in range(config.num_hidden_layers - config.num_hidden_layers // 2))
         self.norm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.streams > 1:
+            d, p = config.hidden_size, config.parscale_n
+            self.aggregate_layer = nn.Sequential(nn.Linear(p * d, d), nn.SiLU(), nn.Linear(d, p))
         self.post_init()
+
+    def _cross_decoder(self, x, positions, k, v):
+        for layer in self.cross_layers:
+            x = layer(x, positions, k, v)
+        return x
+
+    def _aggregate_streams(self, h_RxNxD: torch.Tensor) -> torch.Tensor:
+        """ParScale: softmax(MLP(streams)) weights, smoothed, times the normed streams."""
+        p, smoothing = self.config.parscale_n, self.config.parscale_attn_smooth
+        h_PxBxNxD = h_RxNxD.view(p, -1, *h_RxNxD.shape[1:])
+        features = h_PxBxNxD.permute(1, 2, 3, 0).flatten(2)  # "b s (h n)", h-major.
+        weights_BxNxP = self.aggregate_layer(features).float().softmax(dim=-1)
+        weights_BxNxP = weights_BxNxP * (1 - smoothing) + smoothing / p
+        out = (h_PxBxNxD.float() * weights_BxNxP.permute(2, 0, 1)[..., None]).sum(0)
+        return out.to(h_RxNxD.dtype)
 
     def forward(self, input_ids: torch.LongTensor, cache: Optional[YocouCache] = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
@@ -412,23 +483,30 @@ class YocouModel(YocouPreTrainedModel):
         past = cache.seq_length if cache is not None else 0
         n = input_ids.shape[1]
         positions = torch.arange(past, past + n, device=input_ids.device)
-        x = self.embed_tokens(input_ids)
-        for slot, index in enumerate(self.config.layer_schedule()):
+        c = self.config
+        x = self.embed_tokens(input_ids).repeat(c.streams, 1, 1)  # ParScale: P x B rows.
+        for slot, index in enumerate(c.layer_schedule()):
             x = self.layers[index](x, positions, cache, slot)
-        if self.config.is_decoder_decoder:
-            k, v = self.global_kv(x, positions)
-            if cache is not None:
-                k, v = cache.update_global(k, v)
+        if c.is_decoder_decoder:
+            # Without shared KV, the first T - 1 cross-decoder iterations run on every position:
+            # the next iteration's K/V are made from their outputs.
+            for t in range(c.global_kv_iterations):
+                if t:
+                    x = self._cross_decoder(x, positions, k, v)
+                k, v = self.global_kv(x, positions)
+                if cache is not None:
+                    k, v = cache.update_global(k, v, t)
         # Prefill early exit: the cross-decoder reads only the global K/V of the context, so it
         # runs on the kept positions alone.
         keep = n if not logits_to_keep else min(logits_to_keep, n)
         x, positions = x[:, n - keep:], positions[n - keep:]
-        if self.config.is_decoder_decoder:
-            for layer in self.cross_layers:
-                x = layer(x, positions, k, v)
+        if c.is_decoder_decoder:
+            for _ in range(c.cross_iterations - (c.global_kv_iterations - 1)):
+                x = self._cross_decoder(x, positions, k, v)
         if cache is not None:
             cache.seq_length += n
-        return self.norm(x)
+        h = self.norm(x)
+        return self._aggregate_streams(h) if c.streams > 1 else h
 
 
 class YocouForCausalLM(YocouPreTrainedModel, GenerationMixin):

@@ -10,6 +10,12 @@ before length, so decode attention is a plain batched matmul; B batch, K kv head
                        "decoder":      L - R buffers of S tokens
   yoco, yocou          "self_decoder": T * L/2 ring buffers of W' = min(W, S) tokens
                        "global_kv":    one buffer of S tokens      (YOCO's single global K/V)
+  yoco_upper_loop      "self_decoder": L/2 ring buffers; "global_kv": one buffer of S tokens
+  yoco_upper_loop_nokv "self_decoder": L/2 ring buffers; "global_kv": T buffers of S tokens
+                                       (one K/V per cross-decoder iteration)
+  parscale             "decoder":      L buffers of M + S tokens, P x B rows (stream-major):
+                                       slots [0, M) hold the stream's learned prefix, token p
+                                       sits at slot M + p
 
 S is the maximum length (prompt + generated tokens). Token ``p`` of a sequence lives at index
 ``p`` of a full buffer and at slot ``p % W'`` of a ring buffer. Positions are never stored: with
@@ -48,14 +54,12 @@ def ring_length(cfg: ModelConfig, max_len: int) -> int:
 def layout(cfg: ModelConfig, max_len: int) -> dict[str, tuple[int, int]]:
   """{group: (layer applications, tokens per buffer)} for ``cfg.arch``, in forward order."""
   t = cfg.num_iterations
-  if cfg.arch == "yoco":
-    return {"self_decoder": (cfg.num_self_layers, ring_length(cfg, max_len)),
-            "global_kv": (1, max_len)}
-  if cfg.arch == "yocou":
-    return {"self_decoder": (t * cfg.num_self_layers, ring_length(cfg, max_len)),
-            "global_kv": (1, max_len)}
-  if cfg.arch == "transformer":
-    return {"decoder": (cfg.num_layers, max_len)}
+  if cfg.is_decoder_decoder:
+    loops = t if cfg.arch == "yocou" else 1
+    return {"self_decoder": (loops * cfg.num_self_layers, ring_length(cfg, max_len)),
+            "global_kv": (cfg.global_kv_iterations, max_len)}
+  if cfg.arch in ("transformer", "parscale"):
+    return {"decoder": (cfg.num_layers, cfg.stream_prefix_length + max_len)}
   if cfg.arch == "looped":
     return {"decoder": (t * cfg.num_layers, max_len)}
   groups = {"recursive": (t * cfg.num_recursive_layers, max_len)}
@@ -65,9 +69,9 @@ def layout(cfg: ModelConfig, max_len: int) -> dict[str, tuple[int, int]]:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
-  """Zero K/V buffers in the activation dtype."""
+  """Zero K/V buffers in the activation dtype (ParScale: P x batch rows, stream-major)."""
   def buffer(length):
-    return jnp.zeros((batch, cfg.num_kv_heads, length, cfg.head_dim), cfg.compute_dtype)
+    return jnp.zeros((cfg.streams * batch, cfg.num_kv_heads, length, cfg.head_dim), cfg.compute_dtype)
 
   return {group: [{"k": buffer(length), "v": buffer(length)} for _ in range(count)]
           for group, (count, length) in layout(cfg, max_len).items()}

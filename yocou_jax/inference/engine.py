@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yocou_jax import moe as moe_lib
+from yocou_jax import parscale as parscale_lib
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ModelConfig
 from yocou_jax.inference import attention as attn_lib
@@ -133,18 +134,35 @@ def _write(buffer_BxKxSxD: Array, positions_BxC: Array, x_BxCxKxD: Array) -> Arr
   return buffer_BxKxSxD.at[b_Bx1, :, positions_BxC].set(x_BxCxKxD, mode="drop")
 
 
+def _with_prefix(prefix: Params, buffer: dict) -> dict:
+  """ParScale: each row's stream prefix [P, K, M, D] written into slots [0, M) of the buffer."""
+  def put(buffer_RxKxSxD, prefix_PxKxMxD):
+    rows_per_stream = buffer_RxKxSxD.shape[0] // prefix_PxKxMxD.shape[0]
+    rows = jnp.repeat(prefix_PxKxMxD.astype(buffer_RxKxSxD.dtype), rows_per_stream, axis=0)
+    return jax.lax.dynamic_update_slice(buffer_RxKxSxD, rows, (0, 0, 0, 0))
+
+  return {"k": put(buffer["k"], prefix["key"]), "v": put(buffer["v"], prefix["value"])}
+
+
 def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, buffers: list, lengths_B: Array,
                 opts: Options):
-  """Causal layers (x T for looped blocks), one full buffer per application (unrolled)."""
+  """Causal layers (x T for looped blocks), one full buffer per application (unrolled).
+
+  ParScale's prefix occupies the first M slots of every buffer (rewritten each call: M tokens),
+  so token p sits at slot M + p and attends to slots [0, M + p].
+  """
   positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
+  slots_BxC = positions_BxC + cfg.stream_prefix_length
   num_layers = jax.tree.leaves(stack)[0].shape[0]
   updated = []
   for a, buffer in enumerate(buffers):
     lp = _layer_params(stack, a % num_layers)
     q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD), positions_BxC)
-    cache_k = _write(buffer["k"], positions_BxC, k)
-    cache_v = _write(buffer["v"], positions_BxC, v)
-    out = attn_lib.cache_attention(q, positions_BxC, cache_k, cache_v,
+    if cfg.stream_prefix_length:
+      buffer = _with_prefix(lp["attn"]["prefix"], buffer)
+    cache_k = _write(buffer["k"], slots_BxC, k)
+    cache_v = _write(buffer["v"], slots_BxC, v)
+    out = attn_lib.cache_attention(q, slots_BxC, cache_k, cache_v,
                                    block_size=opts.kv_block_for(q.shape[1]),
                                    impl=cfg.attention_impl)
     x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
@@ -187,7 +205,10 @@ def forward_chunk(params: Params, state: DecodeState, tokens_BxC: Array, counts_
   """Feeds ``counts_B`` (<= C) tokens per sequence; returns the last hidden state computed.
 
   For yoco/yocou that is the self-decoder's output (the cross-decoder runs separately, on the
-  tokens whose logits are needed); for the other archs the final layer's output.
+  tokens whose logits are needed); yoco_upper_loop_nokv also runs its first T - 1 cross-decoder
+  iterations here (iteration t's K/V is made from iteration t - 1's output at every token) and
+  returns the last iteration's input; parscale returns its P streams' outputs (P x B rows); the
+  other archs the final layer's output.
   """
   lengths_B, cache = state.lengths, dict(state.cache)
   x_BxCxD = Model(cfg).apply({"params": params}, tokens_BxC, method=Model.embed)
@@ -196,30 +217,41 @@ def forward_chunk(params: Params, state: DecodeState, tokens_BxC: Array, counts_
         cfg, params["self_decoder"]["stack"]["layers"], x_BxCxD, cache["self_decoder"],
         lengths_B, counts_B, opts)
     positions_BxC = _positions(lengths_B, tokens_BxC.shape[1])
-    k, v = _global_kv(cfg, params["global_kv"], x_BxCxD, positions_BxC)
-    (buffer,) = cache["global_kv"]
-    cache["global_kv"] = [{"k": _write(buffer["k"], positions_BxC, k),
-                           "v": _write(buffer["v"], positions_BxC, v)}]
+    buffers = []
+    for t, buffer in enumerate(cache["global_kv"]):
+      if t:
+        x_BxCxD = cross_decode(params, cfg, buffers[-1], x_BxCxD, positions_BxC, opts)
+      k, v = _global_kv(cfg, params["global_kv"], x_BxCxD, positions_BxC)
+      buffers.append({"k": _write(buffer["k"], positions_BxC, k),
+                      "v": _write(buffer["v"], positions_BxC, v)})
+    cache["global_kv"] = buffers
   else:
+    (x_BxCxD,) = parscale_lib.replicate_streams(cfg.streams, x_BxCxD)
+    (lengths_R,) = parscale_lib.replicate_streams(cfg.streams, lengths_B)
     for group in ("recursive", "decoder"):
       if group in cache:
         x_BxCxD, cache[group] = _full_stack(cfg, params[group]["stack"]["layers"], x_BxCxD,
-                                            cache[group], lengths_B, opts)
+                                            cache[group], lengths_R, opts)
   return x_BxCxD, DecodeState(cache=cache_lib.constrain(cache), lengths=lengths_B + counts_B)
 
 
 def _features(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
               cfg: ModelConfig, opts: Options) -> Array:
-  """Cross-decoder (yoco/yocou): the final features [B, C, D] (``Model.features``)."""
+  """The final features [B, C, D] (``Model.features``): the cross-decoder (yoco/yocou; T times
+  for the upper loop over its one K/V, the last iteration for the upper loop without shared KV)
+  and ParScale's aggregation of the streams."""
   if cfg.is_decoder_decoder:
-    x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"][0], x_BxCxD, positions_BxC,
-                           opts)
+    for _ in range(cfg.cross_iterations - (cfg.global_kv_iterations - 1)):
+      x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"][-1], x_BxCxD, positions_BxC,
+                             opts)
+  if cfg.arch == "parscale":
+    x_BxCxD = Model(cfg).apply({"params": params}, x_BxCxD, method=Model.aggregate_streams)
   return x_BxCxD
 
 
 def _head(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
           cfg: ModelConfig, opts: Options) -> Array:
-  """Cross-decoder (yoco/yocou) and output head: float32 logits [B, C, V]."""
+  """The final features and the output head: float32 logits [B, C, V]."""
   x_BxCxD = _features(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts)
   return Model(cfg).apply({"params": params}, x_BxCxD, method=Model.logits)
 
@@ -228,6 +260,7 @@ def prefill_chunk(params: Params, state: DecodeState, last_x_BxD: Array, tokens_
                   counts_B: Array, *, cfg: ModelConfig, opts: Options):
   """One prefill chunk; keeps the hidden state of each sequence's latest real token."""
   x_BxCxD, state = forward_chunk(params, state, tokens_BxC, counts_B, cfg=cfg, opts=opts)
+  (counts_B,) = parscale_lib.replicate_streams(cfg.streams, counts_B)  # Rows of every stream.
   latest_BxD = jnp.take_along_axis(x_BxCxD, jnp.maximum(counts_B - 1, 0)[:, None, None], 1)[:, 0]
   return state, jnp.where((counts_B > 0)[:, None], latest_BxD, last_x_BxD)
 
@@ -352,7 +385,7 @@ class Engine:
     padded[:, :p] = prompts_BxP
     state = self.init_state(b, max_len)
     with self.scope():
-      last_x = jnp.zeros((b, self.cfg.d_model), self.cfg.compute_dtype)
+      last_x = jnp.zeros((self.cfg.streams * b, self.cfg.d_model), self.cfg.compute_dtype)
       for start in range(0, int(lengths_B.max()), c):
         counts = np.clip(lengths_B - start, 0, c).astype(np.int32)
         state, last_x = self._chunk(params, state, last_x, padded[:, start:start + c], counts)

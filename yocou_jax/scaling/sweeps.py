@@ -85,7 +85,7 @@ def grid(*, archs: Iterable[str], rungs: Mapping[str, Mapping[str, Any]],
   points, seen = [], set()
   for arch, (rung, rung_overrides), t, (budget, budget_overrides), seed in itertools.product(
       archs, rungs.items(), tuple(iterations), budgets.items(), seeds):
-    looped = arch in ("yocou", "rins", "looped")
+    looped = arch in ("yocou", "rins", "looped", "yoco_upper_loop", "yoco_upper_loop_nokv")
     t = t if looped else 1
     name = "_".join(p for p in (arch, rung, f"T{t}" if looped else "", budget,
                                 f"s{seed}" if len(seeds) > 1 else "") if p)

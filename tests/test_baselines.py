@@ -1,0 +1,247 @@
+"""The paper's remaining baselines: the upper loop (with and without shared KV) and ParScale.
+
+Each is checked against an explicit Python composition of the existing layers, against the arch
+it reduces to (upper loop at T = 1 == yoco; ParScale at P = 1 without prefix == transformer),
+for parameters stored once, for training, and for cached inference (prefill + decode == the full
+forward, live cache bytes == the planner's).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.inference import reference as ref_lib
+from tests.test_model import (_layer, forward_fn, jit, random_params, single_documents)
+from yocou_jax import accounting
+from yocou_jax import loss as loss_lib
+from yocou_jax.inference import cache as cache_lib
+from yocou_jax.inference import engine as engine_lib
+from yocou_jax.layers import RMSNorm
+from yocou_jax.model import CrossDecoderLayer, DecoderLayer, GlobalKV, Model
+
+UPPER_LOOPS = ("yoco_upper_loop", "yoco_upper_loop_nokv")
+NEW_ARCHS = (*UPPER_LOOPS, "parscale")
+PARSCALE = dict(num_streams=3, prefix_length=2)
+
+
+def _config(tiny_config, arch, **overrides):
+  return tiny_config(arch, **{**(PARSCALE if arch == "parscale" else {}), **overrides})
+
+
+# --- the upper loop ---------------------------------------------------------------------------
+
+def _upper_loop_reference(cfg, params, tokens, seg, pos):
+  """self-decoder once, then T x (cross layers), K/V once or per iteration; float32."""
+  x = params["embedding"][tokens]
+  stacked = params["self_decoder"]["stack"]["layers"]
+  for i in range(cfg.num_layers // 2):
+    x, _ = DecoderLayer(cfg, cfg.window).apply({"params": _layer(stacked, i)}, x, seg, pos)
+  kv = GlobalKV(cfg).apply({"params": params["global_kv"]}, x, pos)
+  cross = params["cross_decoder"]["layers"]
+  for _ in range(cfg.num_iterations):
+    if cfg.arch == "yoco_upper_loop_nokv":
+      kv = GlobalKV(cfg).apply({"params": params["global_kv"]}, x, pos)
+    for i in range(cfg.num_layers // 2):
+      x, _ = CrossDecoderLayer(cfg).apply({"params": _layer(cross, i)}, x, *kv, seg, pos)
+  h = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+  return h @ params["lm_head"]
+
+
+@pytest.mark.parametrize("arch", UPPER_LOOPS)
+def test_upper_loop_matches_explicit_layer_composition(tiny_config, arch):
+  cfg = tiny_config(arch, num_iterations=3)
+  params = random_params(cfg)
+  batch = single_documents()
+  got = np.asarray(forward_fn(cfg)(params, *batch))
+  want = np.asarray(jit(lambda p, *b: _upper_loop_reference(cfg, p, *b))(params, *batch))
+  assert want.std() > 0.1
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", UPPER_LOOPS)
+def test_upper_loop_with_one_iteration_is_yoco_and_params_do_not_depend_on_t(tiny_config, arch):
+  yoco = tiny_config("yoco")
+  shapes = jax.tree.map(lambda x: x.shape, accounting.abstract_params(yoco))
+  for t in (1, 2, 5):
+    cfg = tiny_config(arch, num_iterations=t)
+    assert jax.tree.map(lambda x: x.shape, accounting.abstract_params(cfg)) == shapes
+    assert accounting.param_counts(cfg) == accounting.param_counts(yoco)
+  params = random_params(yoco)
+  batch = single_documents()
+  np.testing.assert_array_equal(
+      np.asarray(forward_fn(tiny_config(arch, num_iterations=1))(params, *batch)),
+      np.asarray(forward_fn(yoco)(params, *batch)))
+
+
+def test_upper_loop_accounting_closed_forms(tiny_config):
+  t, n, bpt = 3, 1000, 2 * 2 * 8 * 4
+  yoco = tiny_config("yoco")
+  shared, nokv = (tiny_config(a, num_iterations=t) for a in UPPER_LOOPS)
+  by_part = {c.arch: accounting.flops_per_token(c, 256)["by_part"] for c in (yoco, shared, nokv)}
+  assert by_part[shared.arch]["cross_decoder"] == pytest.approx(t * by_part["yoco"]["cross_decoder"])
+  assert by_part[shared.arch]["global_kv"] == by_part["yoco"]["global_kv"]
+  assert by_part[nokv.arch]["global_kv"] == pytest.approx(t * by_part["yoco"]["global_kv"])
+  # One global cache for the shared K/V, one per iteration without; L/2 rings of W either way.
+  assert accounting.kv_cache_bytes(shared, n) == (n + 2 * 4) * bpt
+  assert accounting.kv_cache_bytes(nokv, n) == (t * n + 2 * 4) * bpt
+  # Prefill: the shared loop exits early for all T iterations, nokv for the last one only (its
+  # first T - 1 iterations and their K/V run over every prompt token).
+  yoco_parts = {p.name: p for p in accounting.model_parts(yoco)}
+  cross_last_token = accounting.decode_part_flops(yoco, yoco_parts["cross_decoder"], n)
+  yoco_per_token = accounting.flops_per_token(yoco, n)["by_part"]
+  extra = (t - 1) * (n * (yoco_per_token["cross_decoder"] + yoco_per_token["global_kv"])
+                     - cross_last_token)
+  assert accounting.prefill_flops(nokv, n) - accounting.prefill_flops(shared, n) == (
+      pytest.approx(extra))
+  parts = {p.name: p for p in accounting.model_parts(nokv)}
+  assert parts["cross_decoder"].applications == t and parts["global_kv"].applications == t
+
+
+# --- ParScale ---------------------------------------------------------------------------------
+
+def test_parscale_one_stream_without_prefix_is_the_transformer(tiny_config):
+  transformer = tiny_config("transformer")
+  cfg = tiny_config("parscale", num_streams=1, prefix_length=0)
+  assert jax.tree.map(lambda x: x.shape, accounting.abstract_params(cfg)) == jax.tree.map(
+      lambda x: x.shape, accounting.abstract_params(transformer))
+  params = random_params(transformer)
+  batch = single_documents()
+  np.testing.assert_allclose(np.asarray(forward_fn(cfg)(params, *batch)),
+                             np.asarray(forward_fn(transformer)(params, *batch)), atol=1e-6,
+                             rtol=1e-6)
+
+
+def test_parscale_params_stored_once(tiny_config):
+  # Only the prefixes (2 x L x P x kv_heads x M x head_dim) and the aggregation MLP
+  # (P d x d + d, then d x P + P) depend on P: the transformer is stored once.
+  base = accounting.param_counts(tiny_config("transformer"))["total"]
+  d, l, kv, dh = 32, 4, 2, 8
+  for p, m in ((2, 0), (3, 2), (4, 5)):
+    counts = accounting.param_counts(tiny_config("parscale", num_streams=p, prefix_length=m))
+    prefix = 2 * l * p * kv * m * dh
+    assert counts["stream_aggregation"] == p * d * d + d + d * p + p
+    assert counts["total"] == base + prefix + counts["stream_aggregation"]
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_parscale_matches_streams_run_alone_and_official_aggregation(tiny_config):
+  # Stream p of the P-stream model is the one-stream model holding prefix p; the streams are
+  # then combined by the official formula, re-implemented here in float64 numpy.
+  cfg = _config(tiny_config, "parscale")
+  p, m = cfg.num_streams, cfg.prefix_length
+  params = random_params(cfg)
+  batch = single_documents()
+  got = np.asarray(forward_fn(cfg)(params, *batch))
+
+  one = cfg.replace(num_streams=1)
+  streams = []
+  for s in range(p):
+    alone = jax.tree_util.tree_map_with_path(
+        lambda path, w, s=s: w[:, s:s + 1] if "prefix" in jax.tree_util.keystr(path) else w,
+        {k: v for k, v in params.items() if k != "stream_aggregation"})
+    normed = jit(lambda q, *b: Model(one).apply(
+        {"params": q}, Model(one).apply({"params": q}, b[0], method=Model.embed),
+        method=lambda mdl, x: mdl.final_norm(mdl.decoder(x, b[1], b[2]))))(alone, *batch)
+    streams.append(np.asarray(normed, np.float64))
+  h = np.stack(streams, axis=-1)  # [B, N, D, P]: the official "(h n)" concatenation order.
+  agg = {k: jax.tree.map(lambda w: np.asarray(w, np.float64), v)
+         for k, v in params["stream_aggregation"].items()}
+  hidden = h.reshape(*h.shape[:2], -1) @ agg["hidden"]["linear"]["kernel"] + agg["hidden"]["bias"]
+  hidden = hidden / (1 + np.exp(-hidden))
+  weights = _softmax(hidden @ agg["weights"]["linear"]["kernel"] + agg["weights"]["bias"])
+  weights = weights * (1 - cfg.stream_weight_smoothing) + cfg.stream_weight_smoothing / p
+  want = np.einsum("bndp,bnp->bnd", h, weights) @ np.asarray(params["lm_head"], np.float64)
+  assert want.std() > 0.1 and m > 0
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_parscale_prefix_is_seen_by_every_document_of_a_packed_row(tiny_config):
+  # Packed documents each see the prefix and nothing of the other documents.
+  cfg = _config(tiny_config, "parscale")
+  params = random_params(cfg)
+  tokens = np.random.default_rng(3).integers(0, 64, (1, 16)).astype(np.int32)
+  seg = np.array([[1] * 9 + [2] * 7], np.int32)
+  pos = np.array([list(range(9)) + list(range(7))], np.int32)
+  packed = np.asarray(forward_fn(cfg)(params, tokens, seg, pos))
+  ones = np.ones((1, 16), np.int32)
+  first = np.asarray(forward_fn(cfg)(params, tokens, ones, np.arange(16)[None].astype(np.int32)))
+  second_tokens = np.concatenate([tokens[:, 9:], tokens[:, :9]], axis=1)
+  second = np.asarray(forward_fn(cfg)(params, second_tokens, ones,
+                                      np.arange(16)[None].astype(np.int32)))
+  np.testing.assert_allclose(packed[:, :9], first[:, :9], atol=1e-5)
+  np.testing.assert_allclose(packed[:, 9:], second[:, :7], atol=1e-5)
+
+
+def test_parscale_accounting_closed_forms(tiny_config):
+  cfg = _config(tiny_config, "parscale")
+  transformer = tiny_config("transformer")
+  p, m, n, bpt = cfg.num_streams, cfg.prefix_length, 256, 2 * 2 * 8 * 4
+  flops = accounting.flops_per_token(cfg, n)["by_part"]
+  base = accounting.flops_per_token(transformer, n)["by_part"]
+  per_key = 4 * 4 * 8
+  assert flops["decoder"] == pytest.approx(p * base["decoder"] + p * 4 * per_key * m)
+  assert flops["stream_aggregation"] == 2 * (p * 32 * 32 + 32 * p)
+  assert flops["lm_head"] == base["lm_head"]
+  # P caches of L layers, each with the M prefix tokens in front.
+  assert accounting.kv_cache_bytes(cfg, 1000, batch=2) == 2 * p * 4 * (1000 + m) * bpt
+
+
+# --- training and cached inference --------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
+  cfg = _config(tiny_config, arch)
+  params = random_params(cfg, std=cfg.init_std)
+  batch = single_documents(seed=2)
+  model, optimizer = Model(cfg), optax.adamw(1e-2)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, *batch)
+    targets, weights = loss_lib.next_token_targets(batch[0], batch[1])
+    return loss_lib.cross_entropy(logits, targets, weights)[0]
+
+  @jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, grads
+
+  opt_state, losses = optimizer.init(params), []
+  for i in range(30):
+    params, opt_state, loss, grads = step(params, opt_state)
+    losses.append(float(loss))
+    if i == 0:
+      for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)  # Every param used.
+  assert abs(losses[0] - math.log(cfg.vocab_size)) < 0.05
+  assert losses[-1] < 0.3 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_cached_inference_matches_forward_and_planned_cache_bytes(arch):
+  # Two right-padded prompts (5 and 11 tokens) in chunks of 3, then 6 decoded tokens; W = 4.
+  cfg = ref_lib.tiny(arch, num_layers=2, num_iterations=3,
+                     **(PARSCALE if arch == "parscale" else {}))
+  params = ref_lib.random_params(cfg)
+  tokens = np.random.default_rng(1).integers(0, 64, (2, 24)).astype(np.int32)
+  lengths, steps, max_len = [5, 11], 6, 20
+  opts = engine_lib.Options(chunk_size=3, kv_block=4, decode_kv_block=8, window_block=4)
+  got, state = ref_lib.cached_logits(engine_lib.Engine(cfg, opts), params, tokens, lengths,
+                                     steps, max_len)
+  want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  assert cache_lib.cache_bytes(state.cache) == accounting.kv_cache_bytes(cfg, max_len, 2)
+  expected_global = {"yoco_upper_loop": 1, "yoco_upper_loop_nokv": 3}
+  if arch in expected_global:
+    assert len(state.cache["global_kv"]) == expected_global[arch]
+  else:
+    assert state.cache["decoder"][0]["k"].shape == (3 * 2, 2, 2 + max_len, 8)
