@@ -230,3 +230,23 @@ def test_bad_sources_config_fails_validation_with_one_line_each():
   assert ("config.data.eval_sources: 'name=a,kind=jsonl' has no path (needed: name, kind, path)."
           in errors)
   assert any("config.data.chat_template='{content} only' must hold {role}" in e for e in errors)
+
+
+def test_text_files_source_mixes_and_evaluates_on_its_validation_split(files):
+  corpus = files["root"] / "texts"
+  corpus.mkdir()
+  texts = _fixed_length_texts("T", 40)
+  for i, text in enumerate(texts):
+    (corpus / f"{i:03d}.txt").write_text(text)
+  data_config = _data_config(files, f"name=web,kind=parquet,path={files['parquet']};"
+                                    f"name=books,kind=text_files,path={corpus}")
+  batches = _take(pipeline.make_train_iterator(data_config, TOKENIZER, global_batch_size=BATCH,
+                                               seed=6), 10)
+  drawn = {t for b in batches for t in _segments(b)}
+  assert {t[0] for t in drawn} == {"P", "T"} and drawn <= set(texts) | set(
+      _fixed_length_texts("P", 120))
+  evaluated = pipeline.make_eval_batches(data_config, TOKENIZER, global_batch_size=BATCH,
+                                         num_batches=None)
+  assert list(evaluated) == ["books"]  # Parquet has no split; text_files holds out by path hash.
+  held_out = {t for b in evaluated["books"] for t in _segments(b)}
+  assert held_out and held_out <= set(texts) and not held_out & drawn

@@ -34,6 +34,10 @@ Orbax checkpoint. Close an iterator with workers (`iterator.close()`) to stop th
 
 Evaluation (`make_eval_batches`) packs the eval split in its stored order, once, into a fixed
 list of batches; the last one is completed with padding rows (segment id 0) rather than dropped.
+
+This is the one-source pipeline of `config.data.tfds_name`. When `config.data.sources` is set,
+both functions hand over to `yocou_jax.data.mixture` (Parquet, JSONL, chat and TFDS sources
+mixed by weight, the same packing; eval batches per source).
 """
 
 from collections.abc import Sequence
