@@ -170,6 +170,8 @@ def config_errors(config: Any, *, num_devices: Optional[int] = None, process_cou
                   "directory or glob of text files")
   if check_data and ok("data.tokenizer"):
     errors.extend(_tokenizer_errors(config.data.tokenizer, model_cfg))
+  if check_data:
+    errors.extend(_sources_errors(config.data))
   t = config.train
   if ok("train.batch_size", "train.microbatches") and t.batch_size % t.microbatches:
     errors.append(f"config.train.batch_size={t.batch_size} is not divisible by "
@@ -195,6 +197,28 @@ def config_errors(config: Any, *, num_devices: Optional[int] = None, process_cou
         errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
                       f"data x fsdp = {data_parallel}")
   return model_cfg, errors
+
+
+def _sources_errors(data: Any) -> list[str]:
+  """The spec errors of config.data.sources / eval_sources / chat_template (when sources is set)."""
+  from yocou_jax.data import chat, sources  # pylint: disable=g-import-not-at-top
+
+  if not data.get("sources"):
+    return []
+  errors = []
+  for field in ("sources", "eval_sources"):
+    try:
+      sources.parse_sources(data.get(field) or "", field=field)
+    except ValueError as e:
+      errors.append(str(e))
+  if not positive_int(data.get("shuffle_blocks")):
+    errors.append(f"config.data.shuffle_blocks={data.get('shuffle_blocks')!r} is invalid: must "
+                  f"be a positive integer")
+  try:
+    chat.check_template(data.get("chat_template") or "")
+  except ValueError as e:
+    errors.append(str(e))
+  return errors
 
 
 def _tokenizer_errors(spec: str, model_cfg: Optional[ModelConfig]) -> list[str]:

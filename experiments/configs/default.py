@@ -76,6 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
   d.eval_split = "validation"  # TFDS split to evaluate on.
   d.packing_bins = 64  # First-fit packing: rows open at once (more bins, fewer padding tokens).
   d.shuffle_window = 1024  # Packed rows shuffled within windows of this many rows.
+  # Several training sources mixed by weight (empty: the one source tfds_name). One string,
+  # sources separated by ";", fields by ",": "name=web,kind=parquet,path=gs://b/fw/*.parquet,
+  # weight=0.7;name=sft,kind=chat,path=/d/sft.jsonl.zst,weight=0.3". Fields: name, kind
+  # (tfds, text_files, parquet, jsonl [.gz/.zst], chat), path (glob or URL), weight (1),
+  # text_key (data.text_key), split (tfds/text_files only). See yocou_jax/data/sources.py.
+  d.sources = ""
+  d.eval_sources = ""  # Validation sources, same form (empty: tfds/text_files sources' eval_split).
+  d.chat_template = "<|{role}|>\n{content}<|end|>\n"  # Per message; assistant content trained.
+  d.shuffle_blocks = 4  # File sources: row groups / file blocks whose documents shuffle together.
+  d.index_dir = "~/.cache/yocou_jax/jsonl_index"  # JSONL line-offset indices, built once per file.
 
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()

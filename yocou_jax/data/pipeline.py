@@ -34,6 +34,10 @@ Orbax checkpoint. Close an iterator with workers (`iterator.close()`) to stop th
 
 Evaluation (`make_eval_batches`) packs the eval split in its stored order, once, into a fixed
 list of batches; the last one is completed with padding rows (segment id 0) rather than dropped.
+
+This is the one-source pipeline of `config.data.tfds_name`. When `config.data.sources` is set,
+both functions hand over to `yocou_jax.data.mixture` (Parquet, JSONL, chat and TFDS sources
+mixed by weight, the same packing; eval batches per source).
 """
 
 from collections.abc import Sequence
@@ -54,7 +58,7 @@ Batch = dict[str, np.ndarray]
 ROW_KEYS = ("tokens", "segment_ids", "positions")
 # One reader thread a few documents ahead overlaps I/O; more threads cannot tokenize in parallel
 # (the GIL), and grain's default 500-document read-ahead costs seconds at start-up with BPE.
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 
 
 def tokenize_document(tokenizer: tokenizers.Tokenizer, text: str) -> np.ndarray:
@@ -124,7 +128,7 @@ def _documents(source: Sequence[Any], tokenizer: tokenizers.Tokenizer,
 def _packed_rows(documents: grain.MapDataset, data_config: ml_collections.ConfigDict,
                  pad_id: int) -> grain.IterDataset:
   pieces = grain.experimental.FlatMapIterDataset(
-      documents.to_iter_dataset(_READ_OPTIONS), _SplitIntoPieces(data_config.seq_len))
+      documents.to_iter_dataset(READ_OPTIONS), _SplitIntoPieces(data_config.seq_len))
   rows = grain.experimental.FirstFitPackIterDataset(
       pieces,
       length_struct={"tokens": data_config.seq_len},
@@ -135,7 +139,7 @@ def _packed_rows(documents: grain.MapDataset, data_config: ml_collections.Config
   return rows.map(_rename_packed)
 
 
-def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> _ProcessRows:
+def local_rows(global_batch_size: int, process_index: int, process_count: int) -> _ProcessRows:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of "
                      f"process_count={process_count}.")
@@ -167,7 +171,7 @@ def _check_one_epoch_fills_a_batch(source: Sequence[Any], documents: grain.MapDa
         f"global batch size {global_batch_size}.")
 
 
-def _ensure_flags_parsed_for_workers() -> None:
+def ensure_flags_parsed_for_workers() -> None:
   # Grain reads its absl flags when it starts worker processes; outside `absl.app.run` (tests,
   # notebooks) nothing has parsed them, so take their defaults.
   if not flags.FLAGS.is_parsed():
@@ -193,7 +197,13 @@ def make_train_iterator(data_config: ml_collections.ConfigDict,
     A `grain.DatasetIterator` of batches `{tokens, segment_ids, positions}`, each int32
     `[global_batch_size // process_count, seq_len]`.
   """
-  process_rows = _local_rows(global_batch_size, process_index, process_count)
+  if data_config.get("sources"):  # Several sources, mixed by weight.
+    from yocou_jax.data import mixture  # pylint: disable=g-import-not-at-top
+
+    return mixture.make_train_iterator(data_config, tokenizer, global_batch_size=global_batch_size,
+                                       seed=seed, process_index=process_index,
+                                       process_count=process_count)
+  process_rows = local_rows(global_batch_size, process_index, process_count)
   split = data_config.train_split
   source = _source(data_config, split)
   document_seed, window_seed = np.random.SeedSequence(seed).generate_state(2).tolist()
@@ -208,17 +218,17 @@ def make_train_iterator(data_config: ml_collections.ConfigDict,
         rows, window_size=data_config.shuffle_window, seed=window_seed)
   batches = rows.batch(global_batch_size, drop_remainder=True).map(process_rows)
   if data_config.num_workers > 0:
-    _ensure_flags_parsed_for_workers()
+    ensure_flags_parsed_for_workers()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
   return iter(batches)
 
 
-def _padded_batch(batch: Batch, global_batch_size: int, pad_id: int) -> Batch:
+def padded_batch(batch: Batch, global_batch_size: int, pad_id: int) -> Batch:
   """Completes a partial last batch with padding rows (segment id 0, which no loss counts)."""
   missing = global_batch_size - len(batch["tokens"])
   if not missing:
     return batch
-  fill_values = {"tokens": pad_id, "segment_ids": 0, "positions": 0}
+  fill_values = {"tokens": pad_id, "segment_ids": 0, "positions": 0, "loss_weights": 0}
   return {key: np.concatenate([value, np.full((missing, *value.shape[1:]), fill_values[key],
                                               value.dtype)])
           for key, value in batch.items()}
@@ -241,12 +251,18 @@ def make_eval_batches(data_config: ml_collections.ConfigDict, tokenizer: tokeniz
   Returns:
     A list of batches in the format of `make_train_iterator`, identical on every call.
   """
-  process_rows = _local_rows(global_batch_size, process_index, process_count)
+  if data_config.get("sources"):  # {source name: batches}; see yocou_jax.data.mixture.
+    from yocou_jax.data import mixture  # pylint: disable=g-import-not-at-top
+
+    return mixture.make_eval_batches(data_config, tokenizer, global_batch_size=global_batch_size,
+                                     num_batches=num_batches, process_index=process_index,
+                                     process_count=process_count)
+  process_rows = local_rows(global_batch_size, process_index, process_count)
   split = data_config.eval_split
   source = _source(data_config, split)
   documents = _documents(source, tokenizer, data_config, shuffle_seed=None, num_epochs=1)
   global_batches = _packed_rows(documents, data_config, tokenizer.pad_id).batch(global_batch_size)
-  batches = [process_rows.map(_padded_batch(batch, global_batch_size, tokenizer.pad_id))
+  batches = [process_rows.map(padded_batch(batch, global_batch_size, tokenizer.pad_id))
              for batch in itertools.islice(global_batches, num_batches)]
   if not batches:
     raise ValueError(f"{_dataset_name(data_config, split)} has no text to evaluate on "

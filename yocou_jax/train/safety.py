@@ -8,6 +8,8 @@ import os
 import tempfile
 from typing import Any, Mapping, Optional
 
+from absl import logging
+
 from yocou_jax.config import ConfigError
 
 # Fields that may change when a run resumes (everything else in these sections may not):
@@ -43,6 +45,9 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
   """``["model.d_model: 32 -> 64", ...]``: compared fields that differ, sorted."""
   prefixes = MODEL_FIELDS + (DATA_FIELDS if has_data_state else ())
   old, new = _flatten(saved), _flatten(current)
+  for flat in (old, new):  # Mixture weights may change on resume (check_resume logs it).
+    if "data.sources" in flat:
+      flat["data.sources"] = _sources_without_weights(flat["data.sources"])
   missing = object()
   diffs = []
   for name in sorted(set(old) | set(new)):
@@ -55,9 +60,20 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
   return diffs
 
 
+def _sources_without_weights(spec: Any) -> Any:
+  from yocou_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+  return sources.without_weights(spec) if isinstance(spec, str) else spec
+
+
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, step: int,
                  directory: str, has_data_state: bool) -> None:
   """Raises a one-line ConfigError when the run would resume onto a different model or data."""
+  before = saved.get("data", {}).get("sources")
+  after = current.get("data", {}).get("sources")
+  if before != after and _sources_without_weights(before) == _sources_without_weights(after):
+    logging.warning("resuming from step %d with new mixture weights: %r -> %r (each source "
+                    "continues from its position)", step, before, after)
   diffs = resume_differences(saved, current, has_data_state=has_data_state)
   if diffs:
     raise ConfigError(

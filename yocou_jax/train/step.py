@@ -65,6 +65,15 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   return abstract, shardings
 
 
+def _targets_and_weights(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Next-token targets and weights; a ``loss_weights`` row mask (SFT) weighs each target."""
+  targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+  if "loss_weights" in batch:  # loss_weights[t] weighs token t as the target of position t-1.
+    target_weights = jnp.pad(batch["loss_weights"][:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    weights = weights * target_weights
+  return targets, weights
+
+
 def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
   """Summed (not averaged) loss and its gradient, so microbatches add up exactly."""
 
@@ -74,7 +83,7 @@ def _loss_and_grads(model: nn.Module, params: Any, batch: Batch, z_loss: float):
       x, sown = model.apply({"params": p}, *inputs, method="features", mutable=["intermediates"])
     else:
       x = model.apply({"params": p}, *inputs, method="features")
-    targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+    targets, weights = _targets_and_weights(batch)
     _, aux = head_loss(model, p, x, targets, weights, z_loss)
     loss = aux["loss_sum"] + z_loss * aux["z_loss_sum"]
     if _is_moe(model):
@@ -151,7 +160,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict:
   x_BxNxD = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
                         batch["positions"], method="features")
-  targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+  targets, weights = _targets_and_weights(batch)
   _, aux = head_loss(model, params, x_BxNxD, targets, weights)
   return {"loss_sum": aux["loss_sum"], "num_tokens": aux["num_tokens"]}
 

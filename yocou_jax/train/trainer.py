@@ -80,6 +80,18 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 
 def evaluate(eval_fn, params, eval_batches, sharding) -> dict[str, float]:
+  """Mean eval loss over a list of batches, or per source (``eval_loss/NAME``) and overall."""
+  if isinstance(eval_batches, dict):  # {source name: batches} of config.data.sources.
+    per_source = {name: evaluate(eval_fn, params, batches, sharding)
+                  for name, batches in eval_batches.items()}
+    tokens = sum(r["eval_tokens"] for r in per_source.values())
+    loss = sum(r["eval_loss"] * r["eval_tokens"] for r in per_source.values()) / max(tokens, 1.0)
+    record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
+              "eval_tokens": tokens}
+    for name, result in per_source.items():
+      record.update({f"eval_loss/{name}": result["eval_loss"],
+                     f"eval_tokens/{name}": result["eval_tokens"]})
+    return record
   loss_sum, tokens = 0.0, 0.0
   for local in eval_batches:
     out = eval_fn(params, _global_batch(local, sharding))
@@ -91,6 +103,7 @@ def evaluate(eval_fn, params, eval_batches, sharding) -> dict[str, float]:
 
 Hook = Callable[[int, step_lib.TrainState], None]
 SKIP_COUNTS = ("skipped_total", "skipped_longest_run", "skipped_last_step")
+SOURCE_TOKENS_PREFIX = "source_tokens/"  # Batch entries counting tokens per data source.
 
 
 def train(config: Any, workdir: str, *, data: Optional[Any] = None,
@@ -191,8 +204,12 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
 
     window_start, window_steps = time.perf_counter(), 0
     with _PreemptionFlag() as preemption:
+      source_tokens = {}  # Tokens drawn from each source of config.data.sources this window.
       for step in range(start_step, t.steps):
-        batch = _global_batch(next(train_iter), batch_sharding)
+        local = next(train_iter)
+        for key in [k for k in local if k.startswith(SOURCE_TOKENS_PREFIX)]:
+          source_tokens[key] = source_tokens.get(key, 0) + int(local.pop(key))
+        batch = _global_batch(local, batch_sharding)
         state, step_metrics = train_step(state, batch)
         window_steps += 1
         done = step + 1
@@ -204,7 +221,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
           record.update(_throughput(window_steps, elapsed, t.batch_size * seq_len,
                                     flops_per_step, peak, len(devices)))
           record.update({"cumulative_tokens": done * t.batch_size * seq_len,
-                         "cumulative_train_flops": done * float(flops_per_step)})
+                         "cumulative_train_flops": done * float(flops_per_step), **source_tokens})
+          source_tokens = {}
           if eval_now and eval_batches:
             record.update(evaluate(eval_fn, state.params, eval_batches, batch_sharding))
           writer.write(done, record)

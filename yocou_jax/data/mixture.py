@@ -1,0 +1,263 @@
+"""The input pipeline of `config.data.sources`: several sources mixed by weight, then packed.
+
+Training (`make_train_iterator`), per source (`yocou_jax.data.sources` reads it):
+
+1. An endless shuffled order of its documents, a fresh one every epoch: grain's global
+   `MapDataset.shuffle` for ArrayRecord sources (`tfds`, `text_files`), the block shuffle of
+   `sources.BlockShuffleIndex` for file sources (`parquet`, `jsonl`, `chat`), whose row groups
+   and compressed files are read whole.
+2. Tokenize: `[bos] + encode(text) + [eos]` (`pipeline.tokenize_document`), or the rendered
+   conversation and its loss weights for `chat` (`yocou_jax.data.chat`); empty documents are
+   dropped.
+
+Then `grain.IterDataset.mix` draws documents from the sources in proportion to their weights
+(grain's deterministic interleave), and the documents are split, first-fit packed, window
+shuffled, batched and sliced per process exactly as in `yocou_jax.data.pipeline`.
+
+Batches hold `tokens`, `segment_ids`, `positions` as in `pipeline`, plus `loss_weights`
+(float32 `[B, N]`, 1 on trained tokens, 0 on prompts and padding) when a source is of kind
+`chat`, plus `source_tokens/NAME` (int64 scalars: the non-padding tokens of each source in the
+global batch) for the metrics. The trainer pops the `source_tokens/` entries before the step.
+
+The iterator state (`get_state`) holds the position of every source by name (the state of its
+branch of the mix) and the position of the mix, inside the state of the packing and shuffling
+stages: a resumed run continues the same sequence. A resumed run may change the weights (the
+trainer logs the change): every source continues from its own position, and the mix draws with
+the new weights from then on.
+
+Evaluation (`make_eval_batches`) packs every validation source (`config.data.eval_sources`, or
+the `eval_split` of every `tfds`/`text_files` source) on its own, in stored order, into a dict
+`{name: [batches]}`: the trainer reports the loss of each and the token-weighted overall loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import itertools
+from typing import Any
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from yocou_jax.data import chat
+from yocou_jax.data import corpora
+from yocou_jax.data import pipeline
+from yocou_jax.data import sources as sources_lib
+from yocou_jax.data import tokenizers
+
+SOURCE_TOKENS_PREFIX = "source_tokens/"
+_NO_SOURCE = -1  # The source id of padding.
+
+
+def uses_sources(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.data.sources` is set (otherwise `tfds_name` names the one source)."""
+  return bool(data_config.get("sources"))
+
+
+def train_sources(data_config: ml_collections.ConfigDict) -> list[sources_lib.SourceSpec]:
+  return sources_lib.parse_sources(data_config.sources, text_key=data_config.text_key)
+
+
+def eval_sources(data_config: ml_collections.ConfigDict) -> list[sources_lib.SourceSpec]:
+  """`config.data.eval_sources`, or each `tfds`/`text_files` training source on `eval_split`."""
+  if data_config.get("eval_sources"):
+    return sources_lib.parse_sources(data_config.eval_sources, text_key=data_config.text_key,
+                                     field="eval_sources")
+  return [dataclasses.replace(s, split=data_config.eval_split)
+          for s in train_sources(data_config) if s.kind in sources_lib.SPLIT_KINDS]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadDocument(grain.transforms.Map):
+  source: Sequence[Any]
+
+  def map(self, index: int) -> dict[str, Any]:
+    return self.source[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizeSource(grain.transforms.Map):
+  """A record -> `{tokens, source[, loss_weights]}`, or None when it holds no text."""
+
+  tokenizer: tokenizers.Tokenizer
+  spec: sources_lib.SourceSpec
+  source_id: int
+  with_loss_weights: bool
+  chat_template: str
+
+  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    if self.spec.kind == "chat":
+      tokens, weights = chat.tokenize_chat(self.tokenizer, record, self.chat_template)
+    else:
+      text = corpora.record_text(record, self.spec.text_key)
+      if not text:
+        return None
+      tokens = pipeline.tokenize_document(self.tokenizer, text)
+      weights = np.ones(len(tokens), np.float32)
+    document = {"tokens": tokens, "source": np.full(len(tokens), self.source_id, np.int32)}
+    if self.with_loss_weights:
+      document["loss_weights"] = weights
+    return document
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitFeaturesIntoPieces(grain.experimental.FlatMapTransform):
+  seq_len: int
+
+  def flat_map(self, document: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    length = len(document["tokens"])
+    return [{key: value[i:i + self.seq_len] for key, value in document.items()}
+            for i in range(0, length, self.seq_len)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsOfPacked(grain.transforms.Map):
+  with_loss_weights: bool
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
+           "positions": row["tokens_positions"], "source": row["source"]}
+    if self.with_loss_weights:
+      out["loss_weights"] = row["loss_weights"]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountSourceTokens(grain.transforms.Map):
+  """Replaces the per-token source ids of a global batch by token counts per source."""
+
+  names: tuple[str, ...]
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    source = batch.pop("source")
+    counts = np.bincount(source[source != _NO_SOURCE].ravel(), minlength=len(self.names))
+    batch.update({f"{SOURCE_TOKENS_PREFIX}{name}": np.int64(count)
+                  for name, count in zip(self.names, counts)})
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProcessRows(grain.transforms.Map):
+  start: int
+  stop: int
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: value[self.start:self.stop] if value.ndim else value
+            for key, value in batch.items()}
+
+
+def _documents(source: Sequence[Any], seed: int | None,
+               shuffle_blocks: int) -> grain.MapDataset:
+  """The indices of a source's documents: stored order (seed None) or endless shuffled epochs."""
+  if seed is None:
+    return grain.MapDataset.range(len(source))
+  sizes = sources_lib.block_sizes(source)
+  if sizes is None:
+    return grain.MapDataset.range(len(source)).shuffle(seed).repeat()
+  return grain.MapDataset.source(sources_lib.BlockShuffleIndex(sizes, seed, shuffle_blocks))
+
+
+def _tokenized(spec: sources_lib.SourceSpec, source: Sequence[Any], source_id: int,
+               tokenizer: tokenizers.Tokenizer, data_config: ml_collections.ConfigDict, *,
+               seed: int | None, with_loss_weights: bool) -> grain.IterDataset:
+  tokenize = _TokenizeSource(tokenizer, spec, source_id, with_loss_weights,
+                             data_config.chat_template)
+  documents = _documents(source, seed, data_config.shuffle_blocks)
+  return documents.map(_ReadDocument(source)).map(tokenize).to_iter_dataset(pipeline.READ_OPTIONS)
+
+
+def _packed(documents: grain.IterDataset, data_config: ml_collections.ConfigDict, pad_id: int,
+            with_loss_weights: bool) -> grain.IterDataset:
+  pieces = grain.experimental.FlatMapIterDataset(
+      documents, _SplitFeaturesIntoPieces(data_config.seq_len))
+  features = ("tokens", "source") + (("loss_weights",) if with_loss_weights else ())
+  padding = {"tokens": pad_id, "source": _NO_SOURCE, "loss_weights": 0.0}
+  rows = grain.experimental.FirstFitPackIterDataset(
+      pieces,
+      length_struct={key: data_config.seq_len for key in features},
+      num_packing_bins=data_config.packing_bins,
+      padding_struct={key: padding[key] for key in features},
+      shuffle_bins=False,
+  )
+  return rows.map(_RowsOfPacked(with_loss_weights))
+
+
+def _open(specs: Sequence[sources_lib.SourceSpec], data_config: ml_collections.ConfigDict,
+          default_split: str) -> list[Sequence[Any]]:
+  opened = []
+  for spec in specs:
+    source = sources_lib.open_source(spec, data_config, spec.split or default_split)
+    if not len(source):
+      raise ValueError(f"source {spec.name!r} ({spec.kind} {spec.path}) has no documents.")
+    opened.append(source)
+  return opened
+
+
+def make_train_iterator(data_config: ml_collections.ConfigDict,
+                        tokenizer: tokenizers.Tokenizer, *, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1
+                        ) -> grain.DatasetIterator:
+  """The endless, exactly resumable iterator of this process's slice of the mixed batches.
+
+  Arguments and the row format are those of `pipeline.make_train_iterator`; the batches also hold
+  `loss_weights` (with a `chat` source) and `source_tokens/NAME` (see the module docstring).
+  """
+  rows_of_process = pipeline.local_rows(global_batch_size, process_index, process_count)
+  specs = train_sources(data_config)
+  opened = _open(specs, data_config, data_config.train_split)
+  with_loss_weights = any(s.kind == "chat" for s in specs)
+  seeds = np.random.SeedSequence(seed).generate_state(len(specs) + 1).tolist()
+  branches = {spec.name: _tokenized(spec, source, i, tokenizer, data_config, seed=seeds[i],
+                                    with_loss_weights=with_loss_weights)
+              for i, (spec, source) in enumerate(zip(specs, opened))}
+  mixed = grain.IterDataset.mix(branches, {spec.name: spec.weight for spec in specs})
+  rows = _packed(mixed, data_config, tokenizer.pad_id, with_loss_weights)
+  if data_config.shuffle_window > 1:
+    rows = grain.experimental.WindowShuffleIterDataset(
+        rows, window_size=data_config.shuffle_window, seed=seeds[-1])
+  batches = (rows.batch(global_batch_size, drop_remainder=True)
+             .map(_CountSourceTokens(tuple(s.name for s in specs)))
+             .map(_ProcessRows(rows_of_process.start, rows_of_process.stop)))
+  if data_config.num_workers > 0:
+    pipeline.ensure_flags_parsed_for_workers()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+  logging.info("training mixture: %s", ", ".join(
+      f"{s.name} ({s.kind}, {len(o)} documents, weight {s.weight:g})"
+      for s, o in zip(specs, opened)))
+  return iter(batches)
+
+
+def make_eval_batches(data_config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+                      *, global_batch_size: int, num_batches: int | None,
+                      process_index: int = 0, process_count: int = 1
+                      ) -> dict[str, list[pipeline.Batch]]:
+  """The fixed validation batches of every validation source: `{name: [batches]}`.
+
+  Each source is packed on its own in stored order (`num_batches` batches at most per source),
+  the last batch completed with padding rows; rows as in `make_train_iterator`, without the
+  `source_tokens/` counts. A sources config without validation sets gives `{}`.
+  """
+  rows_of_process = pipeline.local_rows(global_batch_size, process_index, process_count)
+  specs = eval_sources(data_config)
+  with_loss_weights = any(s.kind == "chat" for s in train_sources(data_config) + specs)
+  by_source = {}
+  for spec, source in zip(specs, _open(specs, data_config, data_config.eval_split)):
+    documents = _tokenized(spec, source, 0, tokenizer, data_config, seed=None,
+                           with_loss_weights=with_loss_weights)
+    global_batches = _packed(documents, data_config, tokenizer.pad_id,
+                             with_loss_weights).batch(global_batch_size)
+    batches = []
+    for batch in itertools.islice(global_batches, num_batches):
+      del batch["source"]
+      batches.append(rows_of_process.map(
+          pipeline.padded_batch(batch, global_batch_size, tokenizer.pad_id)))
+    if not batches:
+      raise ValueError(f"validation source {spec.name!r} has no text to evaluate on.")
+    by_source[spec.name] = batches
+  if not by_source:
+    logging.warning("config.data.sources has no validation set: set config.data.eval_sources "
+                    "to evaluate.")
+  return by_source
