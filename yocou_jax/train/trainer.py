@@ -7,6 +7,7 @@ the latest committed step, including the data iterator, and continues bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,8 +27,10 @@ from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.model import Model
 from yocou_jax.train import budget as budget_lib
 from yocou_jax.train import checkpoint as checkpoint_lib
+from yocou_jax.train import finetune
 from yocou_jax.train import metrics as metrics_lib
 from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import profiling
 from yocou_jax.train import safety
 from yocou_jax.train import step as step_lib
 
@@ -140,8 +143,11 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
 
   flops_per_step = step_budget.flops_per_step  # The analytic count the budget used.
   peak, peak_source = metrics_lib.peak_flops_per_device(model_cfg.compute_dtype)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief,
-                                     tensorboard=config.logging.tensorboard)
+  writer = metrics_lib.MetricsWriter(
+      workdir, enabled=is_chief, tensorboard=config.logging.tensorboard,
+      sinks=metrics_lib.tracker_sinks(config, workdir) if is_chief else ())
+  profiler = profiling.from_config(  # None unless config.profile.steps asks for a trace here.
+      config.profile, os.path.join(workdir, metrics_lib.TENSORBOARD_DIR), process_index)
   progress = metrics_lib.Progress(t.steps, enabled=is_chief and config.logging.progress)
   if is_chief:
     logging.info("model %s: %s params; %.3e training FLOPs/step; MFU denominator %.3e FLOP/s "
@@ -164,9 +170,17 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
                                                 before_restore=check_resume)
     if latest is not None:
       logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+      if t.init_from:
+        logging.info("config.train.init_from=%s not used: this workdir resumes its own run",
+                     t.init_from)
     else:
+      init_params = None
+      if t.init_from:  # Params only; the optimizer, step and data stream start fresh.
+        _, init_params = finetune.restore_params(t.init_from, target.params, config.to_dict())
       init = jax.jit(step_lib.init_state_fn(model, tx, seq_len), out_shardings=shardings)
       state = init(jax.random.key(config.seed))
+      if init_params is not None:
+        state = state.replace(params=init_params)
     train_step = step_lib.jit_train_step(model, tx, schedule, mesh, shardings,
                                          microbatches=t.microbatches, z_loss=t.z_loss)
     eval_fn = step_lib.jit_eval_step(model, mesh, shardings.params)
@@ -190,10 +204,14 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
         raise
 
     window_start, window_steps = time.perf_counter(), 0
-    with _PreemptionFlag() as preemption:
+    with _PreemptionFlag() as preemption, profiler or contextlib.nullcontext():
       for step in range(start_step, t.steps):
         batch = _global_batch(next(train_iter), batch_sharding)
+        if profiler is not None:
+          profiler.before_step(step + 1)
         state, step_metrics = train_step(state, batch)
+        if profiler is not None:
+          profiler.after_step(step + 1, state)
         window_steps += 1
         done = step + 1
         log_now = done % config.logging.every_steps == 0 or done == t.steps
