@@ -189,7 +189,6 @@ def config_errors(config: Any, *, num_devices: Optional[int] = None, process_cou
                   "directory or glob of text files")
   if check_data and ok("data.tokenizer"):
     errors.extend(_tokenizer_errors(config.data.tokenizer, model_cfg))
-  errors.extend(_tooling_errors(config, ok))
   t = config.train
   if ok("train.batch_size", "train.microbatches") and t.batch_size % t.microbatches:
     errors.append(f"config.train.batch_size={t.batch_size} is not divisible by "
@@ -214,7 +213,26 @@ def config_errors(config: Any, *, num_devices: Optional[int] = None, process_cou
       if ok("eval.batch_size") and config.eval.batch_size % data_parallel:
         errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
                       f"data x fsdp = {data_parallel}")
+  errors.extend(_tooling_errors(config, ok))
   return model_cfg, errors
+
+
+def _tokenizer_errors(spec: str, model_cfg: Optional[ModelConfig]) -> list[str]:
+  """The tokenizer must load and fit in the model's vocabulary."""
+  from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+
+  if spec != "byte" and not os.path.exists(os.path.expanduser(spec)):
+    return [f"config.data.tokenizer={spec!r} is invalid: no such file or directory (allowed: "
+            "'byte', a .model or tokenizer.json file, a directory)"]
+  try:
+    vocab_size = tokenizers.load_tokenizer(spec).vocab_size
+  except Exception as e:  # pylint: disable=broad-except  (a corrupt file: any library error)
+    return [f"config.data.tokenizer={spec!r} cannot be loaded ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0][:160]})"]
+  if model_cfg is not None and vocab_size > model_cfg.vocab_size:
+    return [f"config.model.vocab_size={model_cfg.vocab_size} is invalid: must be >= the "
+            f"vocabulary of config.data.tokenizer={spec!r} ({vocab_size} ids)"]
+  return []
 
 
 def _tooling_errors(config: Any, ok: Callable[..., bool]) -> list[str]:
@@ -234,24 +252,6 @@ def _tooling_errors(config: Any, ok: Callable[..., bool]) -> list[str]:
       errors.append(f"config.logging.wandb.mode={config.logging.wandb.mode!r} needs the wandb "
                     "package: pip install 'yocou_jax[wandb]' (or set mode='disabled')")
   return errors
-
-
-def _tokenizer_errors(spec: str, model_cfg: Optional[ModelConfig]) -> list[str]:
-  """The tokenizer must load and fit in the model's vocabulary."""
-  from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-
-  if spec != "byte" and not os.path.exists(os.path.expanduser(spec)):
-    return [f"config.data.tokenizer={spec!r} is invalid: no such file or directory (allowed: "
-            "'byte', a .model or tokenizer.json file, a directory)"]
-  try:
-    vocab_size = tokenizers.load_tokenizer(spec).vocab_size
-  except Exception as e:  # pylint: disable=broad-except  (a corrupt file: any library error)
-    return [f"config.data.tokenizer={spec!r} cannot be loaded ({type(e).__name__}: "
-            f"{(str(e).strip().splitlines() or [''])[0][:160]})"]
-  if model_cfg is not None and vocab_size > model_cfg.vocab_size:
-    return [f"config.model.vocab_size={model_cfg.vocab_size} is invalid: must be >= the "
-            f"vocabulary of config.data.tokenizer={spec!r} ({vocab_size} ids)"]
-  return []
 
 
 def validate(config: Any, *, num_devices: Optional[int] = None, process_count: int = 1,

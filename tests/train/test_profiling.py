@@ -33,16 +33,17 @@ def test_trace_holds_exactly_the_requested_steps(tooling_run):
 
 def test_run_resumed_inside_the_range_traces_its_remaining_steps(tmp_path):
   """A run resumed after step 3 of a 3..5 range traces 4 and 5; one past the range, nothing."""
-  double = jax.jit(lambda x: 2 * x)
+  step = jax.jit(lambda x, batch: (x + batch, {}))
   x = jax.numpy.ones(4)
-  with profiling.StepProfiler(3, 5, str(tmp_path / "inside")) as profiler:
-    for number in range(4, 8):
-      profiler.before_step(number)
-      x = double(x)
-      profiler.after_step(number, x)
-  with profiling.StepProfiler(3, 5, str(tmp_path / "after")) as profiler:
-    profiler.before_step(6)
-    profiler.after_step(6, double(x))
+  inside = profiling.StepProfiler(3, 5, str(tmp_path / "inside"))
+  traced_step = inside.wrap(step, first_step=4)
+  for _ in range(4, 8):
+    x, _ = traced_step(x, 1.0)
+  inside.close()
+  after = profiling.StepProfiler(3, 5, str(tmp_path / "after"))
+  after.wrap(step, first_step=6)(x, 1.0)
+  after.close()
+  assert float(x[0]) == 5.0  # The wrapped step still runs every update.
   [trace] = glob.glob(str(tmp_path / "inside" / "plugins" / "profile" / "*" / "*.xplane.pb"))
   assert traced_steps(trace) == [4, 5]
   assert not (tmp_path / "after").exists()

@@ -12,7 +12,7 @@ runs per step.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from absl import logging
@@ -35,11 +35,10 @@ def parse_steps(spec: str) -> Optional[tuple[int, int]]:
 
 
 class StepProfiler:
-  """Starts a trace before step ``first`` and stops it after step ``last``.
+  """Starts a trace before step ``first`` and stops it once step ``last`` ran on the device.
 
   A run resumed inside the range traces its remaining steps; one resumed after it traces none.
-  Used as a context manager, so a run that stops early (preemption, an error) still closes the
-  trace it started.
+  ``close()`` ends a trace a run left open by stopping inside the range (preemption).
   """
 
   def __init__(self, first: int, last: int, log_dir: str):
@@ -47,44 +46,38 @@ class StepProfiler:
     self.log_dir = log_dir
     self._active = False
     self._finished = False
-    self._annotation = None
 
-  def __enter__(self) -> StepProfiler:
-    return self
+  def wrap(self, train_step: Callable, first_step: int) -> Callable:
+    """``train_step`` traced over the range; ``first_step``: the number of its first update."""
+    number = first_step
 
-  def __exit__(self, *exc) -> None:
+    def traced_step(state, batch):
+      nonlocal number
+      if not (self._active or self._finished) and self.first <= number <= self.last:
+        os.makedirs(self.log_dir, exist_ok=True)
+        jax.profiler.start_trace(self.log_dir)
+        self._active = True
+        logging.info("profiling steps %d..%d into %s", number, self.last, self.log_dir)
+      if not self._active:
+        new_state, metrics = train_step(state, batch)
+      else:
+        with jax.profiler.StepTraceAnnotation(TRACE_NAME, step_num=number):
+          new_state, metrics = train_step(state, batch)
+        if number >= self.last:
+          jax.block_until_ready(new_state)  # The trace holds the device work of the last step.
+          self.close()
+      number += 1
+      return new_state, metrics
+
+    return traced_step
+
+  def close(self) -> None:
     if self._active:
-      self._stop()
-
-  def before_step(self, number: int) -> None:
-    """Called before the update that will be step ``number``."""
-    if not (self._active or self._finished) and self.first <= number <= self.last:
-      os.makedirs(self.log_dir, exist_ok=True)
-      jax.profiler.start_trace(self.log_dir)
-      self._active = True
-      logging.info("profiling steps %d..%d into %s", number, self.last, self.log_dir)
-    if self._active:
-      self._annotation = jax.profiler.StepTraceAnnotation(TRACE_NAME, step_num=number)
-      self._annotation.__enter__()
-
-  def after_step(self, number: int, state: Any) -> None:
-    """Called once step ``number`` was dispatched; ``state`` is what it returned."""
-    if not self._active:
-      return
-    self._annotation.__exit__(None, None, None)
-    self._annotation = None
-    if number >= self.last:
-      jax.block_until_ready(state)  # The trace holds the device work of the last step.
-      self._stop()
-
-  def _stop(self) -> None:
-    if self._annotation is not None:
-      self._annotation.__exit__(None, None, None)
-      self._annotation = None
-    jax.profiler.stop_trace()
-    self._active = False
-    self._finished = True
-    logging.info("profile written to %s (view: xprof --logdir=%s)", self.log_dir, self.log_dir)
+      jax.profiler.stop_trace()
+      self._active = False
+      self._finished = True
+      logging.info("profile written to %s (view: xprof --logdir=%s)", self.log_dir,
+                   self.log_dir)
 
 
 def from_config(profile_config: Any, log_dir: str, process_index: int) -> Optional[StepProfiler]:

@@ -7,7 +7,6 @@ the latest committed step, including the data iterator, and continues bit for bi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -186,6 +185,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
     eval_fn = step_lib.jit_eval_step(model, mesh, shardings.params)
 
     start_step = int(state.step)
+    if profiler is not None:  # Traces the steps config.profile.steps names.
+      train_step = profiler.wrap(train_step, first_step=start_step + 1)
     if start_step == 0 and eval_batches:  # The starting point of the validation curve.
       record = {"cumulative_tokens": 0, "cumulative_train_flops": 0.0,
                 **evaluate(eval_fn, state.params, eval_batches, batch_sharding)}
@@ -204,14 +205,10 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
         raise
 
     window_start, window_steps = time.perf_counter(), 0
-    with _PreemptionFlag() as preemption, profiler or contextlib.nullcontext():
+    with _PreemptionFlag() as preemption:
       for step in range(start_step, t.steps):
         batch = _global_batch(next(train_iter), batch_sharding)
-        if profiler is not None:
-          profiler.before_step(step + 1)
         state, step_metrics = train_step(state, batch)
-        if profiler is not None:
-          profiler.after_step(step + 1, state)
         window_steps += 1
         done = step + 1
         log_now = done % config.logging.every_steps == 0 or done == t.steps
@@ -245,6 +242,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
           preempted = True
           break
     checkpointer.wait_until_finished()
+  if profiler is not None:
+    profiler.close()  # A run that ended inside the range (preemption) keeps its partial trace.
   progress.finish()
   writer.close()
   checkpointer.close()
