@@ -16,9 +16,11 @@ from typing import Any, Callable, Optional
 
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.train import profiling
 from yocou_jax.train.optimizer import SCHEDULES
 
 NONFINITE_MODES = ("skip", "stop")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 def _is_int(v) -> bool:
@@ -73,6 +75,14 @@ def mesh_size(v) -> bool:
   return _is_int(v) and (v > 0 or v == -1)
 
 
+def profile_steps(v) -> bool:
+  try:
+    profiling.parse_steps(v)
+  except (ValueError, AttributeError):
+    return False
+  return True
+
+
 # Every non-model field of the schema: (check, what is allowed). Model fields are ModelConfig's.
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (non_negative_int, "a non-negative integer"),
@@ -107,6 +117,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.nonfinite": (one_of(*NONFINITE_MODES), f"one of {', '.join(NONFINITE_MODES)}"),
     "train.max_skipped_steps": (positive_int, "a positive integer"),
     "train.collective_timeout_s": (positive_int, "a positive integer (seconds)"),
+    "train.init_from": (optional_str, "None or a run's workdir"),
     "eval.every_steps": (positive_int, "a positive integer"),
     "eval.num_batches": (non_negative_int, "a non-negative integer"),
     "eval.batch_size": (positive_int, "a positive integer"),
@@ -116,6 +127,14 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logging.every_steps": (positive_int, "a positive integer"),
     "logging.tensorboard": (boolean, "True or False"),
     "logging.progress": (boolean, "True or False"),
+    "logging.wandb.mode": (one_of(*WANDB_MODES), f"one of {', '.join(WANDB_MODES)}"),
+    "logging.wandb.project": (non_empty_str, "a project name"),
+    "logging.wandb.entity": (optional_str, "None or a team/user name"),
+    "logging.wandb.name": (optional_str, "None or a run name"),
+    "logging.wandb.dir": (optional_str, "None or a directory"),
+    "profile.steps": (profile_steps, "'' (off) or 'START,STOP' with 1 <= START <= STOP, e.g. "
+                      "'10,15'"),
+    "profile.all_processes": (boolean, "True or False"),
     "inference.chunk_size": (positive_int, "a positive integer"),
     "mesh.data": (mesh_size, "a positive size or -1 (the rest of the devices)"),
     "mesh.fsdp": (mesh_size, "a positive size or -1 (the rest of the devices)"),
@@ -196,6 +215,7 @@ def config_errors(config: Any, *, num_devices: Optional[int] = None, process_cou
       if ok("eval.batch_size") and config.eval.batch_size % data_parallel:
         errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
                       f"data x fsdp = {data_parallel}")
+  errors.extend(_tooling_errors(config, ok))
   return model_cfg, errors
 
 
@@ -237,6 +257,25 @@ def _tokenizer_errors(spec: str, model_cfg: Optional[ModelConfig]) -> list[str]:
     return [f"config.model.vocab_size={model_cfg.vocab_size} is invalid: must be >= the "
             f"vocabulary of config.data.tokenizer={spec!r} ({vocab_size} ids)"]
   return []
+
+
+def _tooling_errors(config: Any, ok: Callable[..., bool]) -> list[str]:
+  """A profile range the run reaches; the wandb package when a tracker is on."""
+  errors = []
+  t = config.train
+  if (ok("profile.steps", "train.steps", "train.flops_budget", "train.tokens_budget")
+      and config.profile.steps and not (t.flops_budget or t.tokens_budget)):
+    _, last = profiling.parse_steps(config.profile.steps)
+    if last > t.steps:
+      errors.append(f"config.profile.steps={config.profile.steps!r} is invalid: STOP={last} is "
+                    f"after the last step (config.train.steps={t.steps})")
+  if ok("logging.wandb.mode") and config.logging.wandb.mode != "disabled":
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      errors.append(f"config.logging.wandb.mode={config.logging.wandb.mode!r} needs the wandb "
+                    "package: pip install 'yocou_jax[wandb]' (or set mode='disabled')")
+  return errors
 
 
 def validate(config: Any, *, num_devices: Optional[int] = None, process_count: int = 1,

@@ -111,6 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.nonfinite = "skip"  # Non-finite loss/gradients: skip the update, or stop the run at once.
   t.max_skipped_steps = 10  # nonfinite="skip": stop once this many updates in a row were skipped.
   t.collective_timeout_s = 100  # Multi-process: a process silent this long is dead; all stop.
+  # A run's workdir: start from the params of its newest intact checkpoint (fresh optimizer,
+  # step 0, this config's data); ignored once this workdir holds its own checkpoints.
+  t.init_from = ml_collections.FieldReference(None, field_type=str)
 
   # --- evaluation ------------------------------------------------------------------------------
   e = config.eval = ml_collections.ConfigDict()
@@ -129,6 +132,17 @@ def get_config() -> ml_collections.ConfigDict:
   lg.every_steps = 10  # Log metrics every this many steps.
   lg.tensorboard = True  # Also write TensorBoard event files.
   lg.progress = True  # One-line progress display on the console.
+  wb = lg.wandb = ml_collections.ConfigDict()  # Weights & Biases (the `wandb` extra).
+  wb.mode = "disabled"  # disabled, offline (run files only, `wandb sync` later) or online.
+  wb.project = "yocou_jax"  # W&B project.
+  wb.entity = ml_collections.FieldReference(None, field_type=str)  # Team or user (None: default).
+  wb.name = ml_collections.FieldReference(None, field_type=str)  # Run name (None: the workdir's).
+  wb.dir = ml_collections.FieldReference(None, field_type=str)  # Run files root (None: workdir).
+
+  # --- profiling -------------------------------------------------------------------------------
+  prof = config.profile = ml_collections.ConfigDict()
+  prof.steps = ""  # "START,STOP": trace steps START..STOP into workdir/tensorboard ("": off).
+  prof.all_processes = False  # Trace on every process (default: process 0 only).
 
   # --- inference -------------------------------------------------------------------------------
   inf = config.inference = ml_collections.ConfigDict()

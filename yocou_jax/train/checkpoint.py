@@ -37,7 +37,8 @@ class CheckpointSaveError(RuntimeError):
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` with the items this project saves."""
 
-  def __init__(self, workdir: str, *, keep: int, use_async: bool = True):
+  def __init__(self, workdir: str, *, keep: int, use_async: bool = True,
+               read_only: bool = False):
     if keep <= 0:
       raise ConfigError(f"config.checkpoint.keep={keep} must be positive")
     self.keep = keep
@@ -49,7 +50,8 @@ class Checkpointer:
             save_interval_steps=1,  # The caller decides when to save.
             max_to_keep=None,  # Retention is ours: it counts intact steps only (see _prune).
             enable_async_checkpointing=use_async,
-            create=True,
+            create=not read_only,
+            read_only=read_only,  # Another run's checkpoints (config.train.init_from).
         ),
     )
 
@@ -113,6 +115,14 @@ class Checkpointer:
     if data_iterator is not None:
       data_iterator.set_state(restored["data"])
     return restored["state"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """``state.params`` alone of ``step`` onto ``abstract_params``' shardings (no optimizer)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True)))
+    return restored["state"]["params"]
 
   def restore_latest(self, abstract_state: Any, *, data_iterator: Any = None,
                      before_restore: Optional[Callable[[int], None]] = None,

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from yocou_jax import files
+
+TENSORBOARD_DIR = "tensorboard"  # Under the workdir: event files and profiles (plugins/profile).
+WANDB_RUN_ID_FILE = "wandb_run_id"  # Under the workdir: the run a resumed run logs into again.
 
 # Dense bfloat16 peak FLOP/s per chip (vendor figures, no sparsity). Matched against
 # ``device.device_kind`` by substring, most specific first.
@@ -62,12 +68,15 @@ def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
 class MetricsWriter:
   """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
 
-  Only process 0 writes; other processes get a writer that drops everything.
+  Only process 0 writes; other processes get a writer that drops everything. ``sinks`` (objects
+  with ``write(step, record)`` and ``close()``, e.g. a :class:`WandbSink`) get every record too.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               sinks: Sequence[Any] = ()):
     self.enabled = enabled
     self._tb = None
+    self._sinks = list(sinks) if enabled else []
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -77,7 +86,7 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -90,12 +99,54 @@ class MetricsWriter:
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, step)
       self._tb.flush()
+    for sink in self._sinks:
+      sink.write(int(step), record)
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+      for sink in self._sinks:
+        sink.close()
+
+
+class WandbSink:
+  """Mirrors the logged records to a Weights & Biases run (``config.logging.wandb``).
+
+  The run id is kept in ``workdir/wandb_run_id``, so a resumed run logs into the same run.
+  Only numbers are logged (as in TensorBoard), at the trainer's step.
+  """
+
+  def __init__(self, wandb_config: Any, workdir: str, run_config: Mapping[str, Any]):
+    import wandb  # pylint: disable=g-import-not-at-top  (optional: the `wandb` extra)
+
+    id_path = os.path.join(workdir, WANDB_RUN_ID_FILE)
+    if os.path.exists(id_path):
+      with open(id_path, encoding="utf-8") as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits.
+      with files.atomic_write(id_path) as f:
+        f.write(run_id + "\n")
+    self.run = wandb.init(
+        project=wandb_config.project, entity=wandb_config.entity, mode=wandb_config.mode,
+        name=wandb_config.name or os.path.basename(os.path.abspath(workdir)),
+        dir=wandb_config.dir or workdir, id=run_id, resume="allow", config=dict(run_config))
+
+  def write(self, step: int, record: Mapping[str, Any]) -> None:
+    self.run.log({k: v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float))}, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
+
+
+def tracker_sinks(config: Any, workdir: str) -> list[Any]:
+  """The experiment trackers ``config.logging`` enables (process 0 builds them)."""
+  if config.logging.wandb.mode == "disabled":
+    return []
+  return [WandbSink(config.logging.wandb, workdir, config.to_dict())]
 
 
 def _to_python(v: Any) -> Any:

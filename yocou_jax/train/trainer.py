@@ -26,8 +26,10 @@ from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.model import Model
 from yocou_jax.train import budget as budget_lib
 from yocou_jax.train import checkpoint as checkpoint_lib
+from yocou_jax.train import finetune
 from yocou_jax.train import metrics as metrics_lib
 from yocou_jax.train import optimizer as optimizer_lib
+from yocou_jax.train import profiling
 from yocou_jax.train import safety
 from yocou_jax.train import step as step_lib
 
@@ -153,8 +155,11 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
 
   flops_per_step = step_budget.flops_per_step  # The analytic count the budget used.
   peak, peak_source = metrics_lib.peak_flops_per_device(model_cfg.compute_dtype)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief,
-                                     tensorboard=config.logging.tensorboard)
+  writer = metrics_lib.MetricsWriter(
+      workdir, enabled=is_chief, tensorboard=config.logging.tensorboard,
+      sinks=metrics_lib.tracker_sinks(config, workdir) if is_chief else ())
+  profiler = profiling.from_config(  # None unless config.profile.steps asks for a trace here.
+      config.profile, os.path.join(workdir, metrics_lib.TENSORBOARD_DIR), process_index)
   progress = metrics_lib.Progress(t.steps, enabled=is_chief and config.logging.progress)
   if is_chief:
     logging.info("model %s: %s params; %.3e training FLOPs/step; MFU denominator %.3e FLOP/s "
@@ -177,14 +182,24 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
                                                 before_restore=check_resume)
     if latest is not None:
       logging.info("resumed from step %d in %s", latest, checkpointer.directory)
+      if t.init_from:
+        logging.info("config.train.init_from=%s not used: this workdir resumes its own run",
+                     t.init_from)
     else:
+      init_params = None
+      if t.init_from:  # Params only; the optimizer, step and data stream start fresh.
+        _, init_params = finetune.restore_params(t.init_from, target.params, config.to_dict())
       init = jax.jit(step_lib.init_state_fn(model, tx, seq_len), out_shardings=shardings)
       state = init(jax.random.key(config.seed))
+      if init_params is not None:
+        state = state.replace(params=init_params)
     train_step = step_lib.jit_train_step(model, tx, schedule, mesh, shardings,
                                          microbatches=t.microbatches, z_loss=t.z_loss)
     eval_fn = step_lib.jit_eval_step(model, mesh, shardings.params)
 
     start_step = int(state.step)
+    if profiler is not None:  # Traces the steps config.profile.steps names.
+      train_step = profiler.wrap(train_step, first_step=start_step + 1)
     if start_step == 0 and eval_batches:  # The starting point of the validation curve.
       record = {"cumulative_tokens": 0, "cumulative_train_flops": 0.0,
                 **evaluate(eval_fn, state.params, eval_batches, batch_sharding)}
@@ -245,6 +260,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
           preempted = True
           break
     checkpointer.wait_until_finished()
+  if profiler is not None:
+    profiler.close()  # A run that ended inside the range (preemption) keeps its partial trace.
   progress.finish()
   writer.close()
   checkpointer.close()
