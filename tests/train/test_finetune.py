@@ -12,6 +12,7 @@ from tests.train.conftest import TOOLING_STEPS
 from tests.train.synthetic import SEQ_LEN, synthetic_data, tiny_config
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.data import tokenizers
 from yocou_jax.model import Model
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import finetune
@@ -105,3 +106,16 @@ def test_a_directory_without_checkpoints_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"config\.train\.init_from=.*missing is invalid: .* does "
                      r"not exist \(it must be a run's workdir"):
     finetune.restore_params(str(tmp_path / "missing"), None, config.to_dict())
+
+
+def test_another_tokenizer_than_the_source_runs_is_refused(tmp_path):
+  source = tmp_path / "pretrain"
+  tokenizers.ByteTokenizer().save(str(source / finetune.TOKENIZER_DIR))
+  finetune.check_tokenizer(str(source), tokenizers.load_tokenizer("byte"))  # The same: accepted.
+  texts = [f"def f{i}(x):\n    return x + {i}  # the quick brown fox" for i in range(200)]
+  bpe = tokenizers.train_tokenizer("bpe", texts, 300, str(tmp_path / "bpe"))
+  with pytest.raises(ConfigError, match=(
+      rf"config\.train\.init_from={source} was trained with another tokenizer \(.*\): pass "
+      rf"--config\.data\.tokenizer={source}/tokenizer$")) as info:
+    finetune.check_tokenizer(str(source), bpe)
+  assert "\n" not in str(info.value)
