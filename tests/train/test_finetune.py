@@ -1,5 +1,6 @@
 """config.train.init_from: another run's params, checked model config, fresh optimizer at step 0."""
 
+import json
 import logging
 import os
 import shutil
@@ -99,6 +100,27 @@ def test_a_damaged_newest_step_falls_back_to_the_previous_and_stays(tooling_run,
   with pytest.raises(AssertionError):
     assert_trees_equal(params, tooling_run.result.state.params)
   assert os.path.isdir(source / checkpoint_lib.CHECKPOINT_DIR / str(TOOLING_STEPS))  # Not moved.
+
+
+def test_a_source_saved_before_a_model_field_existed_counts_it_as_its_default(tooling_run,
+                                                                                tmp_path):
+  source = tmp_path / "older"
+  shutil.copytree(os.path.join(tooling_run.workdir, checkpoint_lib.CHECKPOINT_DIR),
+                  source / checkpoint_lib.CHECKPOINT_DIR)
+  for step in (5, TOOLING_STEPS):  # As if written by a version without model.cross_rope.
+    path = source / checkpoint_lib.CHECKPOINT_DIR / str(step) / "config" / "metadata"
+    saved = json.loads(path.read_text())
+    del saved["model"]["cross_rope"]
+    path.write_text(json.dumps(saved))
+  config = tiny_config(mesh=(2, 2, 2))
+  assert config.model.cross_rope is False  # ModelConfig's default.
+  step, params = finetune.restore_params(str(source), abstract_params(config, jax.devices()),
+                                         config.to_dict())
+  assert step == TOOLING_STEPS
+  assert_trees_equal(params, tooling_run.result.state.params)
+  config.model.cross_rope = True  # Not the default the source ran with: refused.
+  with pytest.raises(ConfigError, match=r"model\.cross_rope: False -> True"):
+    finetune.restore_params(str(source), None, config.to_dict())
 
 
 def test_a_directory_without_checkpoints_is_refused(tmp_path):
