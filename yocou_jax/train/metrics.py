@@ -134,7 +134,8 @@ class WandbSink:
       self.run = wandb.init(
           project=wandb_config.project, entity=wandb_config.entity, mode=wandb_config.mode,
           name=wandb_config.name or os.path.basename(os.path.abspath(workdir)),
-          dir=wandb_config.dir or workdir, id=run_id, resume="allow", config=dict(run_config))
+          dir=wandb_config.dir or workdir, id=run_id, resume="allow", config=dict(run_config),
+          allow_val_change=True)  # A resumed run may change what resuming allows (steps, lr).
     except Exception as e:  # pylint: disable=broad-except  (no API key, no network, ...)
       message = (str(e).strip().splitlines() or [""])[0]
       raise ConfigError(f"config.logging.wandb.mode={wandb_config.mode!r}: wandb.init failed "
