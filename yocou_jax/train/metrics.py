@@ -146,7 +146,10 @@ class WandbSink:
                   if k != "step" and isinstance(v, (int, float))}, step=step)
 
   def close(self) -> None:
+    import wandb  # pylint: disable=g-import-not-at-top
+
     self.run.finish()
+    wandb.teardown()  # The service writes the run file asynchronously: complete it now.
 
 
 def tracker_sinks(config: Any, workdir: str) -> list[Any]:
