@@ -1,5 +1,6 @@
 """config.train.init_from: another run's params, checked model config, fresh optimizer at step 0."""
 
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ from tests.train.conftest import TOOLING_STEPS
 from tests.train.synthetic import SEQ_LEN, synthetic_data, tiny_config
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.data import tokenizers
 from yocou_jax.model import Model
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import finetune
@@ -100,8 +102,42 @@ def test_a_damaged_newest_step_falls_back_to_the_previous_and_stays(tooling_run,
   assert os.path.isdir(source / checkpoint_lib.CHECKPOINT_DIR / str(TOOLING_STEPS))  # Not moved.
 
 
+def test_a_source_saved_before_a_model_field_existed_counts_it_as_its_default(tooling_run,
+                                                                                tmp_path):
+  source = tmp_path / "older"
+  shutil.copytree(os.path.join(tooling_run.workdir, checkpoint_lib.CHECKPOINT_DIR),
+                  source / checkpoint_lib.CHECKPOINT_DIR)
+  for step in (5, TOOLING_STEPS):  # As if written by a version without model.cross_rope.
+    path = source / checkpoint_lib.CHECKPOINT_DIR / str(step) / "config" / "metadata"
+    saved = json.loads(path.read_text())
+    del saved["model"]["cross_rope"]
+    path.write_text(json.dumps(saved))
+  config = tiny_config(mesh=(2, 2, 2))
+  assert config.model.cross_rope is False  # ModelConfig's default.
+  step, params = finetune.restore_params(str(source), abstract_params(config, jax.devices()),
+                                         config.to_dict())
+  assert step == TOOLING_STEPS
+  assert_trees_equal(params, tooling_run.result.state.params)
+  config.model.cross_rope = True  # Not the default the source ran with: refused.
+  with pytest.raises(ConfigError, match=r"model\.cross_rope: False -> True"):
+    finetune.restore_params(str(source), None, config.to_dict())
+
+
 def test_a_directory_without_checkpoints_is_refused(tmp_path):
   config = tiny_config()
   with pytest.raises(ConfigError, match=r"config\.train\.init_from=.*missing is invalid: .* does "
                      r"not exist \(it must be a run's workdir"):
     finetune.restore_params(str(tmp_path / "missing"), None, config.to_dict())
+
+
+def test_another_tokenizer_than_the_source_runs_is_refused(tmp_path):
+  source = tmp_path / "pretrain"
+  tokenizers.ByteTokenizer().save(str(source / finetune.TOKENIZER_DIR))
+  finetune.check_tokenizer(str(source), tokenizers.load_tokenizer("byte"))  # The same: accepted.
+  texts = [f"def f{i}(x):\n    return x + {i}  # the quick brown fox" for i in range(200)]
+  bpe = tokenizers.train_tokenizer("bpe", texts, 300, str(tmp_path / "bpe"))
+  with pytest.raises(ConfigError, match=(
+      rf"config\.train\.init_from={source} was trained with another tokenizer \(.*\): pass "
+      rf"--config\.data\.tokenizer={source}/tokenizer$")) as info:
+    finetune.check_tokenizer(str(source), bpe)
+  assert "\n" not in str(info.value)

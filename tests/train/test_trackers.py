@@ -89,3 +89,19 @@ def test_bad_wandb_mode_names_the_allowed_modes():
   with pytest.raises(ConfigError, match=r"config\.logging\.wandb\.mode='cloud' is invalid: must "
                      r"be one of disabled, offline, online"):
     trainer.validate_config(config, 1, 1)
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
+  config = tiny_config()
+  config.logging.wandb.update(mode="offline", project="tests")
+  for step, steps in ((3, 5), (7, 9)):  # A resume may change train.steps.
+    config.train.steps = steps
+    [sink] = metrics_lib.tracker_sinks(config, str(tmp_path))
+    sink.write(step, {"loss": 1.0 / step, "note": "not a number"})
+    sink.close()
+  run_id = (tmp_path / metrics_lib.WANDB_RUN_ID_FILE).read_text().strip()
+  run_files = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb")))
+  assert len(run_files) == 2
+  assert [{step: row["loss"] for step, row in wandb_history(f).items()} for f in run_files] == [
+      {3: 1 / 3}, {7: 1 / 7}]
+  assert "note" not in wandb_history(run_files[0])[3]  # Only numbers are logged.

@@ -4,21 +4,29 @@ Only the parameters are taken: the new run starts at step 0 with a fresh optimiz
 data stream (pretraining -> SFT, or continued training on a new mixture). The source is the
 newest intact checkpoint step of ``DIR`` (the integrity checks of a resume; a bad newer step is
 skipped with a warning but, being another run's, left where it is), and its model config must be
-the one this run trains (the fields a resume may not change: see ``safety.RESUME_MAY_CHANGE``).
+the one this run trains (the fields a resume may not change: see ``safety.RESUME_MAY_CHANGE``;
+a model field added since the source was saved counts as its default), and so must its tokenizer
+(the one saved in ``DIR/tokenizer``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
 import jax
 from absl import logging
 
-from yocou_jax.config import ConfigError
+from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import integrity
 from yocou_jax.train import safety
+
+TOKENIZER_DIR = "tokenizer"  # Where a run saves its tokenizer, under its workdir.
+# Encoded by both tokenizers: prose, code, whitespace runs, digits and non-ASCII text.
+_TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs.\n\tdef f(x):\n        return "
+                    "x ** 2  # naïve café, 東京, ∑ 🙂")
 
 
 def restore_params(init_from: str, abstract_params: Any,
@@ -43,8 +51,8 @@ def restore_params(init_from: str, abstract_params: Any,
     for step in reversed(source.all_steps()):
       reason = source.check(step)
       if reason is None:
-        diffs = safety.resume_differences(source.restore_config(step), config,
-                                          has_data_state=False)
+        diffs = safety.resume_differences(_with_model_defaults(source.restore_config(step)),
+                                          config, has_data_state=False)
         if diffs:
           raise ConfigError(
               f"{flag}: its model (step {step}) differs from this run's config: "
@@ -67,3 +75,30 @@ def restore_params(init_from: str, abstract_params: Any,
   finally:
     source.close()
   raise ConfigError(f"{flag} is invalid: {directory} holds no intact checkpoint step")
+
+
+def _with_model_defaults(saved: Mapping[str, Any]) -> dict:
+  """``saved`` with the model fields it predates set to their defaults (what that run ran)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+              if f.default is not dataclasses.MISSING}
+  return {**saved, "model": {**defaults, **saved.get("model", {})}}
+
+
+def check_tokenizer(init_from: str, tokenizer: Any) -> None:
+  """Raises a one-line ConfigError when ``tokenizer`` is not the one the source run saved.
+
+  Compared: vocabulary size, special ids and the ids of a probe text. A source without a saved
+  tokenizer (trained on pre-tokenized data) is not checked.
+  """
+  from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+
+  source_dir = os.path.join(init_from, TOKENIZER_DIR)
+  if not os.path.exists(os.path.join(source_dir, tokenizers.CONFIG_FILENAME)):
+    return
+  source = tokenizers.tokenizer_from_directory(source_dir)
+  describe = lambda tok: (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
+  if (describe(source) != describe(tokenizer)
+      or source.encode(_TOKENIZER_PROBE) != tokenizer.encode(_TOKENIZER_PROBE)):
+    raise ConfigError(
+        f"config.train.init_from={init_from} was trained with another tokenizer ({source!r}; "
+        f"this run's: {tokenizer!r}): pass --config.data.tokenizer={source_dir}")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from yocou_jax import files
+from yocou_jax.config import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"  # Under the workdir: event files and profiles (plugins/profile).
 WANDB_RUN_ID_FILE = "wandb_run_id"  # Under the workdir: the run a resumed run logs into again.
@@ -129,17 +130,26 @@ class WandbSink:
       run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits.
       with files.atomic_write(id_path) as f:
         f.write(run_id + "\n")
-    self.run = wandb.init(
-        project=wandb_config.project, entity=wandb_config.entity, mode=wandb_config.mode,
-        name=wandb_config.name or os.path.basename(os.path.abspath(workdir)),
-        dir=wandb_config.dir or workdir, id=run_id, resume="allow", config=dict(run_config))
+    try:
+      self.run = wandb.init(
+          project=wandb_config.project, entity=wandb_config.entity, mode=wandb_config.mode,
+          name=wandb_config.name or os.path.basename(os.path.abspath(workdir)),
+          dir=wandb_config.dir or workdir, id=run_id, resume="allow", config=dict(run_config),
+          allow_val_change=True)  # A resumed run may change what resuming allows (steps, lr).
+    except Exception as e:  # pylint: disable=broad-except  (no API key, no network, ...)
+      message = (str(e).strip().splitlines() or [""])[0]
+      raise ConfigError(f"config.logging.wandb.mode={wandb_config.mode!r}: wandb.init failed "
+                        f"({type(e).__name__}: {message})") from e
 
   def write(self, step: int, record: Mapping[str, Any]) -> None:
     self.run.log({k: v for k, v in record.items()
                   if k != "step" and isinstance(v, (int, float))}, step=step)
 
   def close(self) -> None:
+    import wandb  # pylint: disable=g-import-not-at-top
+
     self.run.finish()
+    wandb.teardown()  # The service writes the run file asynchronously: complete it now.
 
 
 def tracker_sinks(config: Any, workdir: str) -> list[Any]:

@@ -143,6 +143,8 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                       f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  if t.init_from and tokenizer is not None:
+    finetune.check_tokenizer(t.init_from, tokenizer)  # The source's, or its params mean nothing.
 
   model = Model(model_cfg)
   schedule = optimizer_lib.learning_rate_schedule(t)
