@@ -129,3 +129,12 @@ def test_resume_allows_and_logs_a_weight_change_only(caplog):
                                "name=sft,kind=chat,path=/s.jsonl"}}
   with pytest.raises(ConfigError, match=r"refusing to resume from step 7 .* data.sources: "):
     safety.check_resume(saved, moved, step=7, directory="/ckpt", has_data_state=True)
+
+
+def test_resume_takes_a_model_field_the_checkpoint_predates_as_its_default():
+  saved = {"model": {"arch": "yocou", "d_model": 64}}  # Saved before ``ffn`` existed.
+  current = {"model": {"arch": "yocou", "d_model": 64, "ffn": "dense"}}
+  safety.check_resume(saved, current, step=3, directory="/ckpt", has_data_state=False)
+  with pytest.raises(ConfigError, match=r"model.ffn: 'dense' -> 'moe'"):
+    safety.check_resume(saved, {"model": {**current["model"], "ffn": "moe"}}, step=3,
+                        directory="/ckpt", has_data_state=False)

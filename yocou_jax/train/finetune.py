@@ -11,14 +11,13 @@ a model field added since the source was saved counts as its default), and so mu
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Mapping
 
 import jax
 from absl import logging
 
-from yocou_jax.config import ConfigError, ModelConfig
+from yocou_jax.config import ConfigError
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import integrity
 from yocou_jax.train import safety
@@ -51,8 +50,8 @@ def restore_params(init_from: str, abstract_params: Any,
     for step in reversed(source.all_steps()):
       reason = source.check(step)
       if reason is None:
-        diffs = safety.resume_differences(_with_model_defaults(source.restore_config(step)),
-                                          config, has_data_state=False)
+        diffs = safety.resume_differences(source.restore_config(step), config,
+                                          has_data_state=False)
         if diffs:
           raise ConfigError(
               f"{flag}: its model (step {step}) differs from this run's config: "
@@ -75,13 +74,6 @@ def restore_params(init_from: str, abstract_params: Any,
   finally:
     source.close()
   raise ConfigError(f"{flag} is invalid: {directory} holds no intact checkpoint step")
-
-
-def _with_model_defaults(saved: Mapping[str, Any]) -> dict:
-  """``saved`` with the model fields it predates set to their defaults (what that run ran)."""
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-              if f.default is not dataclasses.MISSING}
-  return {**saved, "model": {**defaults, **saved.get("model", {})}}
 
 
 def check_tokenizer(init_from: str, tokenizer: Any) -> None:

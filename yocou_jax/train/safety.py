@@ -4,13 +4,14 @@ cannot write, or go on (or save) after the loss or gradients went non-finite.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from typing import Any, Mapping, Optional
 
 from absl import logging
 
-from yocou_jax.config import ConfigError
+from yocou_jax.config import ConfigError, ModelConfig
 
 # Fields that may change when a run resumes (everything else in these sections may not):
 # implementation choices of the model that leave its parameters and function unchanged, and where
@@ -24,6 +25,10 @@ RESUME_MAY_CHANGE = frozenset({
 # state (an imported checkpoint starts a fresh stream and may use any data).
 MODEL_FIELDS = ("model.",)
 DATA_FIELDS = ("data.", "seed", "train.batch_size")
+# A model field a checkpoint predates counts as its default: a new field defaults to the
+# behaviour from before it existed.
+_MODEL_DEFAULTS = {f"model.{f.name}": f.default for f in dataclasses.fields(ModelConfig)
+                   if f.default is not dataclasses.MISSING}
 
 
 class NonFiniteError(RuntimeError):
@@ -42,9 +47,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
                        has_data_state: bool) -> list[str]:
-  """``["model.d_model: 32 -> 64", ...]``: compared fields that differ, sorted."""
+  """``["model.d_model: 32 -> 64", ...]``: compared fields that differ, sorted.
+
+  A model field ``saved`` predates (added to the code since) counts as its default.
+  """
   prefixes = MODEL_FIELDS + (DATA_FIELDS if has_data_state else ())
   old, new = _flatten(saved), _flatten(current)
+  for name, default in _MODEL_DEFAULTS.items():  # Fields added since the checkpoint was saved.
+    if name in new and name not in old:
+      old[name] = default
   for flat in (old, new):  # Mixture weights may change on resume (check_resume logs it).
     if "data.sources" in flat:
       flat["data.sources"] = _sources_without_weights(flat["data.sources"])
