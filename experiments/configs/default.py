@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.chat_template = "<|{role}|>\n{content}<|end|>\n"  # Per message; assistant content trained.
   d.shuffle_blocks = 4  # File sources: row groups / file blocks whose documents shuffle together.
   d.index_dir = "~/.cache/yocou_jax/jsonl_index"  # JSONL line-offset indices, built once per file.
+  # sources: global (every process packs the global batch, keeps its rows; resumes on any
+  # process count) or shard (each process reads 1/P of every source; same process count).
+  d.process_sharding = "global"
 
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()
