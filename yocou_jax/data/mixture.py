@@ -242,6 +242,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict,
   if sharded:
     _check_shardable(specs, opened, process_count)
   with_loss_weights = any(s.kind == "chat" for s in specs)
+  if with_loss_weights:
+    chat.check_tokenizer_template(data_config.chat_template, tokenizer)
   seeds = np.random.SeedSequence(seed).generate_state(len(specs) + 1).tolist()
   branches = {spec.name: _tokenized(spec, source, i, tokenizer, data_config, seed=seeds[i],
                                     with_loss_weights=with_loss_weights, share=share)
