@@ -63,11 +63,6 @@ SOURCE_TOKENS_PREFIX = "source_tokens/"
 _NO_SOURCE = -1  # The source id of padding.
 
 
-def uses_sources(data_config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.data.sources` is set (otherwise `tfds_name` names the one source)."""
-  return bool(data_config.get("sources"))
-
-
 def train_sources(data_config: ml_collections.ConfigDict) -> list[sources_lib.SourceSpec]:
   return sources_lib.parse_sources(data_config.sources, text_key=data_config.text_key)
 
