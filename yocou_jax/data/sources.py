@@ -31,7 +31,8 @@ Kinds
   position of a source is one integer in grain's iterator state (exact resume, any number of
   workers), exactly as for ArrayRecord. Compressed streams cannot seek, so a compressed file is
   read whole when one of its lines is first needed; plain files are read in blocks of about
-  `PLAIN_BLOCK_BYTES`.
+  `PLAIN_BLOCK_BYTES`. The price: the first run on a host decompresses every file once to index
+  it (about the speed of one decompression pass; later runs load the cached index).
 * `chat`: `jsonl` files of SFT conversations: `{"messages": [{"role", "content"}, ...]}` or
   `{"prompt", "response"}` records (rendered by `yocou_jax.data.chat`).
 
