@@ -25,7 +25,7 @@ def bpe_with_template(tmp_path_factory):
   """A byte-level BPE trained on the SFT sample, with a ChatML template beside its file."""
   directory = tmp_path_factory.mktemp("bpe")
   texts = [m["content"] for r in _records() for m in chat.messages_of(r)]
-  tokenizer = tokenizers.train_tokenizer("bpe", texts, 320, str(directory))
+  tokenizers.train_tokenizer("bpe", texts, 320, str(directory))
   (directory / tokenizers.CHAT_TEMPLATE_FILENAME).write_text(CHATML)
   return tokenizers.load_tokenizer(str(directory / tokenizers.HUGGINGFACE_FILENAME)), directory
 
