@@ -116,10 +116,10 @@ def main(argv):
   print(f"\ntrainer: {trainer_tps:,.0f} tokens/s ({trainer_source}); seq_len {seq_len}, batch "
         f"{batch_size}, num_workers {config.data.num_workers}; {len(texts)} documents; "
         f"load average {os.getloadavg()[0]:.1f}")
-  print(f"{'format':<11}{'tokenizer':<11}{'start-up s':>11}{'tokens/s':>12}{'x trainer':>11}"
+  print(f"{'format':<13}{'tokenizer':<11}{'start-up s':>11}{'tokens/s':>12}{'x trainer':>11}"
         f"{'>=20x':>7}")
   for r in rows:
-    print(f"{r['format']:<11}{r['tokenizer']:<11}{r['startup_s']:>11.2f}"
+    print(f"{r['format']:<13}{r['tokenizer']:<11}{r['startup_s']:>11.2f}"
           f"{r['tokens_per_sec']:>12,.0f}{r['headroom']:>11.1f}"
           f"{'yes' if r['headroom'] >= TARGET else 'NO':>7}")
   if FLAGS.json_out:
