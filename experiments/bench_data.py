@@ -4,12 +4,15 @@ r"""Input-pipeline throughput from Parquet and zstd JSONL sources, over the trai
 
 Writes the `python_stdlib` corpus (the TFDS path's default corpus) as Parquet shards (row groups
 of `--row_group_size` rows) and as `.jsonl.zst` shards into a temporary directory, then times
-`make_train_iterator` on each as a `config.data.sources` source, with the byte tokenizer and with
-a byte-level BPE (trained here on the corpus, `--bpe_vocab_size`), at the `bench_train` shape
-(seq_len, batch size) and the default `config.data` settings (`num_workers` = 0, in-process).
-Start-up (opening the files, building the line indices, the first shuffle window of rows) is
-reported apart from the steady rate (`time_pipeline`). The trainer's tokens/s is that of `bench_train`'s fastest arch
-(timed here with its flags: `--archs`, `--d_model`, ...), or `--trainer_tokens_per_sec`.
+`make_train_iterator` on each as a `config.data.sources` source, and on the TFDS ArrayRecord
+path (`config.data.tfds_name`) for reference, with the byte tokenizer and with a byte-level BPE
+(trained here on the corpus, `--bpe_vocab_size`), at the `bench_train` shape (seq_len, batch
+size) and the default `config.data` settings (`num_workers` = 0: in-process). Start-up (opening
+the files, building the line indices, the first shuffle window of rows) is reported apart from
+the steady rate (`time_pipeline`: whole windows, since the row shuffle fills a window of
+`shuffle_window` rows before it gives one). The trainer's tokens/s is that of `bench_train`'s
+fastest arch (timed here with its flags: `--archs`, `--d_model`, ...), or
+`--trainer_tokens_per_sec`.
 
 Target: pipeline tokens/s >= 20x the trainer's for every source format and tokenizer.
 """
@@ -97,11 +100,12 @@ def main(argv):
     bpe = tokenizers.train_tokenizer("bpe", texts[:300], _BPE_VOCAB.value,
                                      os.path.join(directory, "bpe"))
     for tokenizer_name, tokenizer in (("byte", tokenizers.ByteTokenizer()), ("bpe", bpe)):
-      for data_format, glob in globs.items():
+      for data_format, glob in {"arrayrecord": None, **globs}.items():
         data_config = config.data.copy_and_resolve_references()
-        kind = "parquet" if data_format == "parquet" else "jsonl"
-        data_config.sources = f"name={data_format},kind={kind},path={glob}"
-        data_config.index_dir = os.path.join(directory, "index")
+        if glob:  # Otherwise the one-source TFDS path (tfds_name=python_stdlib) for reference.
+          kind = "parquet" if data_format == "parquet" else "jsonl"
+          data_config.sources = f"name={data_format},kind={kind},path={glob}"
+          data_config.index_dir = os.path.join(directory, "index")
         figures = time_pipeline(data_config, tokenizer, batch_size, _WINDOWS.value)
         rows.append({"format": data_format, "tokenizer": tokenizer_name, **figures,
                      "headroom": figures["tokens_per_sec"] / trainer_tps})
@@ -112,10 +116,10 @@ def main(argv):
   print(f"\ntrainer: {trainer_tps:,.0f} tokens/s ({trainer_source}); seq_len {seq_len}, batch "
         f"{batch_size}, num_workers {config.data.num_workers}; {len(texts)} documents; "
         f"load average {os.getloadavg()[0]:.1f}")
-  print(f"{'format':<11}{'tokenizer':<11}{'start-up s':>11}{'tokens/s':>12}{'x trainer':>11}"
+  print(f"{'format':<13}{'tokenizer':<11}{'start-up s':>11}{'tokens/s':>12}{'x trainer':>11}"
         f"{'>=20x':>7}")
   for r in rows:
-    print(f"{r['format']:<11}{r['tokenizer']:<11}{r['startup_s']:>11.2f}"
+    print(f"{r['format']:<13}{r['tokenizer']:<11}{r['startup_s']:>11.2f}"
           f"{r['tokens_per_sec']:>12,.0f}{r['headroom']:>11.1f}"
           f"{'yes' if r['headroom'] >= TARGET else 'NO':>7}")
   if FLAGS.json_out:

@@ -231,6 +231,9 @@ def _sources_errors(data: Any) -> list[str]:
       sources.parse_sources(data.get(field) or "", field=field)
     except ValueError as e:
       errors.append(str(e))
+  if data.get("process_sharding", "global") not in ("global", "shard"):
+    errors.append(f"config.data.process_sharding={data.get('process_sharding')!r} is invalid: "
+                  f"must be one of global, shard")
   if not positive_int(data.get("shuffle_blocks")):
     errors.append(f"config.data.shuffle_blocks={data.get('shuffle_blocks')!r} is invalid: must "
                   f"be a positive integer")

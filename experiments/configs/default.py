@@ -83,9 +83,14 @@ def get_config() -> ml_collections.ConfigDict:
   # text_key (data.text_key), split (tfds/text_files only). See yocou_jax/data/sources.py.
   d.sources = ""
   d.eval_sources = ""  # Validation sources, same form (empty: tfds/text_files sources' eval_split).
-  d.chat_template = "<|{role}|>\n{content}<|end|>\n"  # Per message; assistant content trained.
+  # chat sources: per-message format string (assistant content trained), or "tokenizer" (its
+  # Jinja chat template). See yocou_jax/data/chat.py.
+  d.chat_template = "<|{role}|>\n{content}<|end|>\n"
   d.shuffle_blocks = 4  # File sources: row groups / file blocks whose documents shuffle together.
   d.index_dir = "~/.cache/yocou_jax/jsonl_index"  # JSONL line-offset indices, built once per file.
+  # sources: global (every process packs the global batch, keeps its rows; resumes on any
+  # process count) or shard (each process reads 1/P of every source; same process count).
+  d.process_sharding = "global"
 
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()

@@ -4,11 +4,14 @@ import collections
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import grain
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import portpicker
 import pytest
 
 from experiments.configs import default
@@ -16,6 +19,7 @@ from yocou_jax import validation
 from yocou_jax.data import chat
 from yocou_jax.data import pipeline
 from yocou_jax.data import tokenizers
+from tests import cpu_env
 from tests.data.test_sources import write_jsonl, write_parquet
 
 SEQ_LEN = 32
@@ -23,6 +27,7 @@ BATCH = 4
 DOC_CHARS = SEQ_LEN - 2  # With bos and eos, one document fills one row exactly.
 TOKENIZER = tokenizers.ByteTokenizer()
 SFT_SAMPLE = os.path.join(os.path.dirname(__file__), "testdata", "sft_sample.jsonl")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fixed_length_texts(prefix: str, count: int, chars: int = DOC_CHARS) -> list[str]:
@@ -250,3 +255,69 @@ def test_text_files_source_mixes_and_evaluates_on_its_validation_split(files):
   assert list(evaluated) == ["books"]  # Parquet has no split; text_files holds out by path hash.
   held_out = {t for b in evaluated["books"] for t in _segments(b)}
   assert held_out and held_out <= set(texts) and not held_out & drawn
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_shard_mode_reads_every_document_once_per_epoch_across_processes(files, process_count):
+  data_config = _data_config(files, f"name=web,kind=parquet,path={files['parquet']}",
+                             shuffle_window=1, process_sharding="shard")
+  local_batch = 8 // process_count
+  epochs = []  # The documents of each process until its first repeat: its first epoch.
+  for p in range(process_count):
+    iterator = pipeline.make_train_iterator(data_config, TOKENIZER, global_batch_size=8, seed=7,
+                                            process_index=p, process_count=process_count)
+    batches = _take(iterator, 80 // local_batch)  # 80 rows: more than any process's share.
+    assert batches[0]["tokens"].shape == (local_batch, SEQ_LEN)
+    texts = [t for b in batches for t in _segments(b)]
+    first_repeat = next(i for i, t in enumerate(texts) if t in texts[:i])
+    epochs.append(texts[:first_repeat])
+    assert set(texts[first_repeat:]) <= set(epochs[-1])  # Then the same share, reshuffled.
+  # The shares (blocks p, p + P, ... of 15 row groups) are disjoint and cover the corpus.
+  assert sorted(itertools.chain(*epochs)) == sorted(_fixed_length_texts("P", 120))
+  assert max(map(len, epochs)) - min(map(len, epochs)) <= 8  # One row group at most.
+
+
+def test_shard_mode_resumes_each_process_and_checks_the_process_count(files):
+  data_config = _data_config(files, _web_and_code(files), process_sharding="shard")
+
+  def new_iterator(process_index, process_count=2):
+    return pipeline.make_train_iterator(data_config, TOKENIZER, global_batch_size=BATCH, seed=8,
+                                        process_index=process_index, process_count=process_count)
+
+  for p in range(2):
+    uninterrupted = new_iterator(p)
+    _take(uninterrupted, 9)
+    state = uninterrupted.get_local_state()
+    resumed = new_iterator(p)
+    resumed.set_local_state(state)
+    _assert_batches_equal(_take(resumed, 5), _take(uninterrupted, 5))
+  single = new_iterator(0, 1)
+  saved = single.get_state()  # One process: the gather is its own state.
+  assert saved["process_count"] == 1 and len(saved["process_states"]) == 1
+  with pytest.raises(ValueError, match="the data state was saved by 1 processes with "
+                                       "process_sharding='shard'; this run has 2"):
+    new_iterator(0).set_state(saved)
+  with pytest.raises(ValueError, match=r"source 'web' has 15 blocks .* fewer than the 16 "
+                                       r"processes"):
+    pipeline.make_train_iterator(data_config, TOKENIZER, global_batch_size=16, seed=8,
+                                 process_index=0, process_count=16)
+
+
+def test_shard_mode_state_is_gathered_from_two_real_processes(files, tmp_path):
+  port = portpicker.pick_unused_port()
+  sources = _web_and_code(files)
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.data.sharded_worker", str(port), str(i),
+                             sources, str(tmp_path / f"out{i}.json")],
+                            cwd=REPO, env=cpu_env.subprocess_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+           for i in range(2)]
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+  results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+  assert results[0]["state"] == results[1]["state"]  # One state, holding both processes' parts,
+  assert results[0]["state"]["process_count"] == 2
+  assert len(results[0]["state"]["process_states"]) == 2
+  for result in results:  # from which each process resumes its own stream exactly.
+    assert result["resumed"] == result["expected"]
+  assert results[0]["expected"] != results[1]["expected"]

@@ -168,5 +168,14 @@ def test_missing_files_and_bad_records_name_the_source(tmp_path):
     sources.open_source(missing, data_config, "train")
   path = write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}])
   source = sources.open_source(sources.SourceSpec("code", "jsonl", path), data_config, "train")
-  with pytest.raises(ValueError, match=r"has no key text_key='text'; its keys: \['content'\]"):
+  with pytest.raises(ValueError, match=r"a.jsonl, the line at \(decompressed\) byte 0: no key "
+                                       r"text_key='text'; its keys: \['content'\]"):
     source[0]  # pylint: disable=pointless-statement
+  with open(path, "a") as f:
+    f.write('\n{"text": "fine"}\n{"text": broken\n')
+  source = sources.open_source(sources.SourceSpec("code", "jsonl", path),
+                               data_config, "train")
+  assert source[1]["text"] == "fine"
+  with pytest.raises(ValueError, match=r"a.jsonl, the line at \(decompressed\) byte 34: "
+                                       r"Expecting value"):
+    source[2]  # pylint: disable=pointless-statement

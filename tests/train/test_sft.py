@@ -1,5 +1,6 @@
 """SFT loss masks in the train/eval steps, per-source evaluation and a mixture run of the trainer."""
 
+import functools
 import logging as std_logging
 import os
 
@@ -49,13 +50,19 @@ def sft(tmp_path_factory):
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"]
   batches = pipeline.make_eval_batches(config.data, TOKENIZER, global_batch_size=4,
                                        num_batches=2)["sft"]
-  return config, model, params, batches
+  eval_fn = jax.jit(lambda p, b: step_lib.eval_step(p, b, model=model))
+  return config, model, params, batches, eval_fn
+
+
+@functools.lru_cache(maxsize=1)
+def _apply(model):
+  return jax.jit(model.apply)
 
 
 def _reference_masked_ce(model, params, batch) -> tuple[float, float]:
   """(sum, count) of the float64 next-token CE on targets of weight 1 within a document."""
-  logits = np.asarray(jax.jit(model.apply)({"params": params}, batch["tokens"],
-                                           batch["segment_ids"], batch["positions"]), np.float64)
+  logits = np.asarray(_apply(model)({"params": params}, batch["tokens"], batch["segment_ids"],
+                                    batch["positions"]), np.float64)
   log_probs = scipy.special.log_softmax(logits, axis=-1)
   total, count = 0.0, 0
   tokens, segments, weights = batch["tokens"], batch["segment_ids"], batch["loss_weights"]
@@ -67,13 +74,13 @@ def _reference_masked_ce(model, params, batch) -> tuple[float, float]:
 
 
 def test_sft_loss_equals_a_reference_masked_cross_entropy(sft):
-  config, model, params, batches = sft
+  config, model, params, batches, eval_fn = sft
   batch = batches[0]
   ref_sum, ref_count = _reference_masked_ce(model, params, batch)
   unmasked = int(np.sum((batch["segment_ids"][:, :-1] > 0)
                         & (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])))
   assert 0 < ref_count < 0.6 * unmasked  # The mask drops the prompts.
-  out = jax.jit(lambda p, b: step_lib.eval_step(p, b, model=model))(params, batch)
+  out = eval_fn(params, batch)
   assert float(out["num_tokens"]) == ref_count
   np.testing.assert_allclose(float(out["loss_sum"]), ref_sum, rtol=1e-5)
   tx = optax.sgd(0.0)
@@ -87,9 +94,8 @@ def test_sft_loss_equals_a_reference_masked_cross_entropy(sft):
 
 
 def test_evaluate_reports_each_source_and_the_token_weighted_total(sft):
-  _, model, params, batches = sft
+  _, model, params, batches, eval_fn = sft
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  eval_fn = jax.jit(lambda p, b: step_lib.eval_step(p, b, model=model))
   record = trainer.evaluate(eval_fn, params, {"a": batches[:1], "b": batches[1:]}, sharding)
   sums = [_reference_masked_ce(model, params, batch) for batch in batches]
   for name, (ref_sum, ref_count) in zip("ab", sums):

@@ -25,6 +25,16 @@ stages: a resumed run continues the same sequence. A resumed run may change the 
 trainer logs the change): every source continues from its own position, and the mix draws with
 the new weights from then on.
 
+Processes (`config.data.process_sharding`): with `global` (the default), as in `pipeline`, every
+process builds the same global batches and keeps its rows: the stream does not depend on the
+process count, a checkpoint resumes on any process count, and every process reads and tokenizes
+the whole global batch. With `shard`, process `p` of `P` reads only its share of every source
+(blocks `p, p + P, ...`: row groups, JSONL file blocks, or documents of ArrayRecord sources), and
+packs and batches its own `B / P` rows: reading and tokenizing are split `P` ways, every
+document is read once per epoch by one process, and `source_tokens/` counts that process's rows.
+The state (`ShardedIterator.get_state`, gathered from all processes at a checkpoint) resumes on
+the same process count only.
+
 Evaluation (`make_eval_batches`) packs every validation source (`config.data.eval_sources`, or
 the `eval_split` of every `tfds`/`text_files` source) on its own, in stored order, into a dict
 `{name: [batches]}`: the trainer reports the loss of each and the token-weighted overall loss.
@@ -35,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import itertools
+import json
 from typing import Any
 
 from absl import logging
@@ -50,11 +61,6 @@ from yocou_jax.data import tokenizers
 
 SOURCE_TOKENS_PREFIX = "source_tokens/"
 _NO_SOURCE = -1  # The source id of padding.
-
-
-def uses_sources(data_config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.data.sources` is set (otherwise `tfds_name` names the one source)."""
-  return bool(data_config.get("sources"))
 
 
 def train_sources(data_config: ml_collections.ConfigDict) -> list[sources_lib.SourceSpec]:
@@ -149,23 +155,41 @@ class _ProcessRows(grain.transforms.Map):
             for key, value in batch.items()}
 
 
-def _documents(source: Sequence[Any], seed: int | None,
-               shuffle_blocks: int) -> grain.MapDataset:
-  """The indices of a source's documents: stored order (seed None) or endless shuffled epochs."""
+@dataclasses.dataclass(frozen=True)
+class _Lookup(grain.transforms.Map):
+  document_ids: np.ndarray
+
+  def map(self, index: int) -> int:
+    return int(self.document_ids[index])
+
+
+def _documents(source: Sequence[Any], seed: int | None, shuffle_blocks: int,
+               share: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+  """The indices of a source's documents: stored order (seed None) or endless shuffled epochs.
+
+  `share=(index, count)` keeps one process's share: the blocks (or, for ArrayRecord sources, the
+  documents) `index, index + count, ...`.
+  """
   if seed is None:
     return grain.MapDataset.range(len(source))
+  index, count = share
   sizes = sources_lib.block_sizes(source)
   if sizes is None:
-    return grain.MapDataset.range(len(source)).shuffle(seed).repeat()
-  return grain.MapDataset.source(sources_lib.BlockShuffleIndex(sizes, seed, shuffle_blocks))
+    return grain.MapDataset.range(len(source))[index::count].shuffle(seed).repeat()
+  if count == 1:
+    return grain.MapDataset.source(sources_lib.BlockShuffleIndex(sizes, seed, shuffle_blocks))
+  document_ids = sources_lib.block_subset(sizes, index, count)
+  order = sources_lib.BlockShuffleIndex(sizes[index::count], seed, shuffle_blocks)
+  return grain.MapDataset.source(order).map(_Lookup(document_ids))
 
 
 def _tokenized(spec: sources_lib.SourceSpec, source: Sequence[Any], source_id: int,
                tokenizer: tokenizers.Tokenizer, data_config: ml_collections.ConfigDict, *,
-               seed: int | None, with_loss_weights: bool) -> grain.IterDataset:
+               seed: int | None, with_loss_weights: bool,
+               share: tuple[int, int] = (0, 1)) -> grain.IterDataset:
   tokenize = _TokenizeSource(tokenizer, spec, source_id, with_loss_weights,
                              data_config.chat_template)
-  documents = _documents(source, seed, data_config.shuffle_blocks)
+  documents = _documents(source, seed, data_config.shuffle_blocks, share)
   return documents.map(_ReadDocument(source)).map(tokenize).to_iter_dataset(pipeline.READ_OPTIONS)
 
 
@@ -206,28 +230,104 @@ def make_train_iterator(data_config: ml_collections.ConfigDict,
   `loss_weights` (with a `chat` source) and `source_tokens/NAME` (see the module docstring).
   """
   rows_of_process = pipeline.local_rows(global_batch_size, process_index, process_count)
+  sharded = data_config.get("process_sharding", "global") == "shard"
+  share = (process_index, process_count) if sharded else (0, 1)
   specs = train_sources(data_config)
   opened = _open(specs, data_config, data_config.train_split)
+  if sharded:
+    _check_shardable(specs, opened, process_count)
   with_loss_weights = any(s.kind == "chat" for s in specs)
+  if with_loss_weights:
+    chat.check_tokenizer_template(data_config.chat_template, tokenizer)
   seeds = np.random.SeedSequence(seed).generate_state(len(specs) + 1).tolist()
   branches = {spec.name: _tokenized(spec, source, i, tokenizer, data_config, seed=seeds[i],
-                                    with_loss_weights=with_loss_weights)
+                                    with_loss_weights=with_loss_weights, share=share)
               for i, (spec, source) in enumerate(zip(specs, opened))}
   mixed = grain.IterDataset.mix(branches, {spec.name: spec.weight for spec in specs})
   rows = _packed(mixed, data_config, tokenizer.pad_id, with_loss_weights)
   if data_config.shuffle_window > 1:
     rows = grain.experimental.WindowShuffleIterDataset(
         rows, window_size=data_config.shuffle_window, seed=seeds[-1])
-  batches = (rows.batch(global_batch_size, drop_remainder=True)
-             .map(_CountSourceTokens(tuple(s.name for s in specs)))
-             .map(_ProcessRows(rows_of_process.start, rows_of_process.stop)))
+  batch_size = global_batch_size // process_count if sharded else global_batch_size
+  batches = (rows.batch(batch_size, drop_remainder=True)
+             .map(_CountSourceTokens(tuple(s.name for s in specs))))
+  if not sharded:
+    batches = batches.map(_ProcessRows(rows_of_process.start, rows_of_process.stop))
   if data_config.num_workers > 0:
     pipeline.ensure_flags_parsed_for_workers()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
   logging.info("training mixture: %s", ", ".join(
       f"{s.name} ({s.kind}, {len(o)} documents, weight {s.weight:g})"
       for s, o in zip(specs, opened)))
+  if sharded:
+    return ShardedIterator(iter(batches), process_index, process_count)
   return iter(batches)
+
+
+def _check_shardable(specs, opened, process_count: int) -> None:
+  for spec, source in zip(specs, opened):
+    sizes = sources_lib.block_sizes(source)
+    units, what = (len(source), "documents") if sizes is None else (len(sizes), "blocks")
+    if units < process_count:
+      raise ValueError(f"source {spec.name!r} has {units} {what} (row groups, file blocks), "
+                       f"fewer than the {process_count} processes of "
+                       f"process_sharding='shard'; use process_sharding='global'.")
+
+
+def _allgather_strings(text: str) -> list[str]:
+  """`text` of every process, in process order (a collective: every process must call it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [bytes(row[:n]).decode() for row, n in zip(gathered, lengths.ravel())]
+
+
+class ShardedIterator:
+  """The batches of one process of `process_sharding='shard'`, with a state shared by all.
+
+  Every process reads its own share of the sources, so the iterator states differ between
+  processes; `get_state` gathers them all (a collective, called by every process at a
+  checkpoint) into one state that any process restores its own part from. Resuming needs the
+  same number of processes.
+  """
+
+  def __init__(self, iterator, process_index: int, process_count: int):
+    self._iterator = iterator
+    self._process_index, self._process_count = process_index, process_count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def get_local_state(self) -> dict[str, Any]:
+    return self._iterator.get_state()
+
+  def set_local_state(self, state: dict[str, Any]) -> None:
+    self._iterator.set_state(state)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"process_count": self._process_count,
+            "process_states": _allgather_strings(json.dumps(self.get_local_state()))}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("process_count") != self._process_count:
+      raise ValueError(f"the data state was saved by {state.get('process_count')} processes "
+                       f"with process_sharding='shard'; this run has {self._process_count} "
+                       f"(resume on {state.get('process_count')} processes).")
+    self.set_local_state(json.loads(state["process_states"][self._process_index]))
+
+  def close(self) -> None:
+    if hasattr(self._iterator, "close"):
+      self._iterator.close()
 
 
 def make_eval_batches(data_config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,

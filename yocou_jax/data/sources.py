@@ -31,7 +31,8 @@ Kinds
   position of a source is one integer in grain's iterator state (exact resume, any number of
   workers), exactly as for ArrayRecord. Compressed streams cannot seek, so a compressed file is
   read whole when one of its lines is first needed; plain files are read in blocks of about
-  `PLAIN_BLOCK_BYTES`.
+  `PLAIN_BLOCK_BYTES`. The price: the first run on a host decompresses every file once to index
+  it (about the speed of one decompression pass; later runs load the cached index).
 * `chat`: `jsonl` files of SFT conversations: `{"messages": [{"role", "content"}, ...]}` or
   `{"prompt", "response"}` records (rendered by `yocou_jax.data.chat`).
 
@@ -192,12 +193,19 @@ class _BlockSource(Sequence):
       raise IndexError(f"document {index} of {len(self)}")
     block = bisect.bisect_right(self._block_starts, index) - 1
     values = self._cache.get(block, self._read_block)
-    return self._record(values[index - self._block_starts[block]])
+    row = index - self._block_starts[block]
+    try:
+      return self._record(values[row])
+    except ValueError as e:  # A bad record: say where it is.
+      raise ValueError(f"{self._where(block, row)}: {str(e).splitlines()[0]}") from e
 
   def _read_block(self, block: int) -> list[Any]:
     raise NotImplementedError
 
   def _record(self, value: Any) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def _where(self, block: int, row: int) -> str:
     raise NotImplementedError
 
 
@@ -232,6 +240,10 @@ class ParquetSource(_BlockSource):
 
   def _record(self, value: Any) -> dict[str, Any]:
     return {self.text_key: "" if value is None else value}
+
+  def _where(self, block: int, row: int) -> str:
+    file_index, group = self._row_groups[block]
+    return f"{self.paths[file_index]} row group {group} row {row}"
 
 
 def _open_decompressed(fs, path: str):
@@ -316,11 +328,14 @@ class JsonlSource(_BlockSource):
   def _record(self, value: bytes) -> dict[str, Any]:
     record = json.loads(value)
     if not isinstance(record, dict):
-      raise ValueError(f"a JSON Lines record of {self.paths} is not an object: {value[:80]!r}")
+      raise ValueError(f"not a JSON object: {value[:80]!r}")
     if self.text_key is not None and self.text_key not in record:
-      raise ValueError(f"a JSON Lines record of {self.paths} has no key "
-                       f"text_key={self.text_key!r}; its keys: {sorted(record)}.")
+      raise ValueError(f"no key text_key={self.text_key!r}; its keys: {sorted(record)}.")
     return record
+
+  def _where(self, block: int, row: int) -> str:
+    file_index, lines = self._blocks[block]
+    return f"{self.paths[file_index]}, the line at (decompressed) byte {int(lines[row, 0])}"
 
 
 def open_source(source: SourceSpec, data_config: Any, split: str) -> Sequence[Any]:

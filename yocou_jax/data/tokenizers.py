@@ -24,6 +24,7 @@ import numpy as np
 CONFIG_FILENAME = "tokenizer_config.json"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
 HUGGINGFACE_FILENAME = "tokenizer.json"
+CHAT_TEMPLATE_FILENAME = "chat_template.jinja"  # A Hugging Face tokenizer's chat template.
 TRAINABLE_KINDS = ("bpe", "sentencepiece")
 
 # Special tokens of trained tokenizers: the same ids as the byte tokenizer.
@@ -155,6 +156,21 @@ def _find_special_id(special_ids_by_token: dict[str, int], role: str) -> int | N
   return None
 
 
+def _read_chat_template(directory: str) -> str | None:
+  """The Jinja chat template saved beside a tokenizer.json, if any (Hugging Face layouts)."""
+  path = os.path.join(directory, CHAT_TEMPLATE_FILENAME)
+  if os.path.isfile(path):
+    with open(path) as f:
+      return f.read()
+  config_path = os.path.join(directory, CONFIG_FILENAME)
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      template = json.load(f).get("chat_template")
+    if isinstance(template, str):
+      return template
+  return None
+
+
 class HuggingFaceTokenizer:
   """A Hugging Face `tokenizer.json`; bos/eos/pad are looked up among its special tokens."""
 
@@ -181,6 +197,9 @@ class HuggingFaceTokenizer:
     self.pad_id = eos_id if pad_id is None else pad_id
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self._special_ids = set(special_ids_by_token.values())
+    self.bos_token = self._tokenizer.id_to_token(self.bos_id)
+    self.eos_token = self._tokenizer.id_to_token(self.eos_id)
+    self.chat_template = _read_chat_template(os.path.dirname(os.path.abspath(tokenizer_file)))
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -192,6 +211,9 @@ class HuggingFaceTokenizer:
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     self._tokenizer.save(os.path.join(directory, HUGGINGFACE_FILENAME))
+    if self.chat_template:
+      with open(os.path.join(directory, CHAT_TEMPLATE_FILENAME), "w") as f:
+        f.write(self.chat_template)
     _write_config(
         directory,
         {"kind": "huggingface", "tokenizer_file": HUGGINGFACE_FILENAME,

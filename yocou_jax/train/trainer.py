@@ -105,7 +105,9 @@ def evaluate(eval_fn, params, eval_batches, sharding) -> dict[str, float]:
 
 Hook = Callable[[int, step_lib.TrainState], None]
 SKIP_COUNTS = ("skipped_total", "skipped_longest_run", "skipped_last_step")
-SOURCE_TOKENS_PREFIX = "source_tokens/"  # Batch entries counting tokens per data source.
+# Batch entries counting tokens per data source (yocou_jax.data.mixture, not imported here: the
+# trainer runs without grain when it is given its data).
+SOURCE_TOKENS_PREFIX = "source_tokens/"
 
 
 def train(config: Any, workdir: str, *, data: Optional[Any] = None,
