@@ -17,7 +17,9 @@ Targets: MFU >= 50% of the measured peak per arch (float32); yocou/yoco step-tim
 ``--ffn=moe`` also times, next to each dense arch, the same arch with every FFN a Mixture of
 Experts of equal *active* width (``--num_experts`` routed, top ``--experts_per_token``, plus one
 shared expert, each ``d_ff / (top-k + 1)`` wide; ``--capacity_factor`` > 0 for the dropping
-path), steps interleaved with the dense ones; MFU counts active FLOPs only. Target: the MoE step
+path), steps interleaved with the dense ones; MFU counts active FLOPs only. ``--moe_matmul``
+names the dropless experts' grouped matmul(s) (``auto``: the backend's, ``blocked`` on CPU; a
+list times each, interleaved); the rows are labelled ``arch-moe[matmul]``. Target: the MoE step
 at most 1.5x the dense step at equal active FLOPs.
 """
 
@@ -33,6 +35,7 @@ import numpy as np
 
 from experiments.configs import default
 from yocou_jax import accounting
+from yocou_jax import moe as moe_lib
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ModelConfig
 from yocou_jax.model import Model
@@ -59,6 +62,8 @@ _FFN = flags.DEFINE_enum("ffn", "dense", ["dense", "moe"], "moe: also time each 
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "--ffn=moe: routed experts.")
 _EXPERTS_PER_TOKEN = flags.DEFINE_integer("experts_per_token", 2, "--ffn=moe: top-k.")
 _CAPACITY = flags.DEFINE_float("capacity_factor", 0.0, "--ffn=moe: expert capacity (0: dropless).")
+_MOE_MATMULS = flags.DEFINE_list("moe_matmul", ["auto"], "--ffn=moe: grouped matmul(s) of the "
+                                 "dropless experts (config.model.moe_matmul); each one is timed.")
 MOE_TARGET = 1.5  # MoE step time / dense step time at equal active FLOPs.
 
 
@@ -74,14 +79,20 @@ def bench_config(arch: str):
   return config
 
 
-def moe_bench_config(arch: str):
+def moe_bench_config(arch: str, matmul: str):
   """``bench_config(arch)`` with MoE FFNs: top-k routed + 1 shared expert = the dense width."""
   config = bench_config(arch)
   top_k = _EXPERTS_PER_TOKEN.value
   config.model.update(ffn="moe", num_experts=_NUM_EXPERTS.value, num_experts_per_token=top_k,
                       num_shared_experts=1, expert_d_ff=config.model.d_ff // (top_k + 1),
-                      capacity_factor=_CAPACITY.value)
+                      capacity_factor=_CAPACITY.value, moe_matmul=matmul)
   return config
+
+
+def moe_label(cfg: ModelConfig) -> str:
+  """``arch-moe[matmul]``: the arch and the grouped matmul its dropless experts ran with."""
+  matmul = "capacity" if cfg.capacity_factor else moe_lib.resolve_matmul(cfg.moe_matmul)
+  return f"{cfg.arch}-moe[{matmul}]"
 
 
 class TrainStepTimer:
@@ -123,7 +134,7 @@ class TrainStepTimer:
   def row(self) -> dict:
     flops = accounting.train_flops_per_step(self.cfg, self.seq_len, self.batch)
     step_time = statistics.median(self.times)
-    label = self.cfg.arch + ("-moe" if self.cfg.ffn == "moe" else "")
+    label = moe_label(self.cfg) if self.cfg.ffn == "moe" else self.cfg.arch
     return {"arch": label, "step_time_s": step_time, "step_times_s": self.times,
             "train_flops_per_step": flops, "tokens_per_sec": self.batch * self.seq_len / step_time,
             "flops_per_sec": flops / step_time, "warmup_s": self.warmup_s,
@@ -166,7 +177,8 @@ def main(argv):
   peak_source = "table (dense bf16)" if table_peak else "measured f32 matmul"
   configs = [bench_config(arch) for arch in _ARCHS.value]
   if _FFN.value == "moe":
-    configs = [c for arch in _ARCHS.value for c in (bench_config(arch), moe_bench_config(arch))]
+    configs = [c for arch in _ARCHS.value for c in (
+        bench_config(arch), *(moe_bench_config(arch, m) for m in _MOE_MATMULS.value))]
   rows = time_train_steps(configs)
   for row in rows:
     row["mfu"] = row["flops_per_sec"] / peak
@@ -185,14 +197,15 @@ def main(argv):
                                  "relative_gap": time_ratio / flops_ratio - 1.0}
   if _FFN.value == "moe":
     result["moe_over_dense"] = {
-        arch: {"time_ratio": by_arch[f"{arch}-moe"]["step_time_s"] / by_arch[arch]["step_time_s"],
-               "active_flops_ratio": (by_arch[f"{arch}-moe"]["train_flops_per_step"]
-                                      / by_arch[arch]["train_flops_per_step"]),
-               "dropped_fraction": by_arch[f"{arch}-moe"]["moe_dropped_fraction"]}
-        for arch in _ARCHS.value}
+        label: {"time_ratio": by_arch[label]["step_time_s"] / by_arch[arch]["step_time_s"],
+                "active_flops_ratio": (by_arch[label]["train_flops_per_step"]
+                                       / by_arch[arch]["train_flops_per_step"]),
+                "dropped_fraction": by_arch[label]["moe_dropped_fraction"]}
+        for arch in _ARCHS.value for label in by_arch if label.startswith(f"{arch}-moe[")}
     result["moe"] = {"num_experts": _NUM_EXPERTS.value,
                      "experts_per_token": _EXPERTS_PER_TOKEN.value, "num_shared_experts": 1,
-                     "capacity_factor": _CAPACITY.value, "target_time_ratio": MOE_TARGET}
+                     "capacity_factor": _CAPACITY.value, "target_time_ratio": MOE_TARGET,
+                     "matmuls": [moe_lib.resolve_matmul(m) for m in _MOE_MATMULS.value]}
   pipe = pipeline_tokens_per_sec(bench_config("yocou"))
   fastest = max(r["tokens_per_sec"] for r in rows)
   result["pipeline"] = {"tokens_per_sec": pipe, "trainer_tokens_per_sec": fastest,
@@ -201,10 +214,10 @@ def main(argv):
   print(f"\ndevice: {device.device_kind}; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source}); "
         f"measured f32 matmul peak {measured_peak / 1e9:,.1f} GFLOP/s")
   print(f"shape: {result['shape']}")
-  print(f"{'arch':<12}{'step s':>9}{'tokens/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>10}{'MFU':>8}"
+  print(f"{'arch':<22}{'step s':>9}{'tokens/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>10}{'MFU':>8}"
         f"{'>=50%':>7}")
   for r in rows:
-    print(f"{r['arch']:<12}{r['step_time_s']:>9.3f}{r['tokens_per_sec']:>11,.0f}"
+    print(f"{r['arch']:<22}{r['step_time_s']:>9.3f}{r['tokens_per_sec']:>11,.0f}"
           f"{r['train_flops_per_step'] / 1e9:>12,.1f}{r['flops_per_sec'] / 1e9:>10,.1f}"
           f"{100 * r['mfu']:>7.1f}%{'yes' if r['mfu'] >= 0.5 else 'NO':>7}")
   if "yocou_over_yoco" in result:
@@ -212,8 +225,8 @@ def main(argv):
     print(f"yocou/yoco: time x{g['time_ratio']:.3f}, FLOPs x{g['flops_ratio']:.3f}, gap "
           f"{100 * g['relative_gap']:+.1f}% (target within 10%: "
           f"{'yes' if abs(g['relative_gap']) <= 0.10 else 'NO'})")
-  for arch, g in result.get("moe_over_dense", {}).items():
-    print(f"{arch}-moe/{arch}: time x{g['time_ratio']:.3f} at active FLOPs "
+  for label, g in result.get("moe_over_dense", {}).items():
+    print(f"{label}/{label.split('-moe[')[0]}: time x{g['time_ratio']:.3f} at active FLOPs "
           f"x{g['active_flops_ratio']:.3f}, {100 * g['dropped_fraction']:.1f}% of routed pairs "
           f"dropped (target <= {MOE_TARGET}x: "
           f"{'yes' if g['time_ratio'] <= MOE_TARGET else 'NO'})")

@@ -288,7 +288,7 @@ def plan(cfg: ModelConfig, seq_len: int, batch_size: int,
       **({"moe": {"num_experts": cfg.num_experts, "num_experts_per_token":
                   cfg.num_experts_per_token, "num_shared_experts": cfg.num_shared_experts,
                   "expert_d_ff": cfg.expert_d_ff, "shared_expert_d_ff": cfg.shared_width,
-                  "capacity_factor": cfg.capacity_factor,
+                  "capacity_factor": cfg.capacity_factor, "moe_layers": cfg.moe_layers,
                   "expert_sharding": cfg.expert_sharding}} if cfg.ffn == "moe" else {}),
       "params_by_part": {k: v for k, v in counts.items() if k != "total"},
       "seq_len": seq_len,
@@ -340,6 +340,7 @@ def format_table(plans: Mapping[str, Mapping[str, Any]]) -> str:
     row("expert / shared width",
         lambda p: (f"{p['moe']['expert_d_ff']} / {p['moe']['shared_expert_d_ff']}"
                    if "moe" in p else "-"))
+    row("MoE layers", lambda p: (f"1 in {p['moe']['moe_layers']}" if "moe" in p else "-"))
   for part in parts:
     row(f"  {part}", lambda p, part=part: (_si(p["params_by_part"][part])
                                            if part in p["params_by_part"] else "-"))

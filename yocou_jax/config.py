@@ -64,7 +64,7 @@ class ModelConfig:
   router_aux_loss: float = 0.01
   router_z_loss: float = 1e-3
   capacity_factor: float = 0.0  # 0: dropless.
-  moe_layers: int = 1  # Every k-th layer is MoE (1: all).
+  moe_layers: int = 1  # Every k-th layer of each stack is MoE (1: all), the others dense d_ff.
   expert_sharding: str = "fsdp"
   moe_matmul: str = "auto"  # Grouped matmul of the dropless experts; auto: per backend.
   moe_block_rows: int = 128  # Row block of the blocked and megablox grouped matmuls.
@@ -137,6 +137,21 @@ class ModelConfig:
   def shared_width(self) -> int:
     """Width of one shared expert."""
     return self.shared_expert_d_ff or self.expert_d_ff
+
+  @property
+  def stack_sizes(self) -> tuple[int, ...]:
+    """Layers of each scanned stack (transformer/looped: one; yoco/yocou: self, cross; rins)."""
+    if self.is_decoder_decoder:
+      return self.num_self_layers, self.num_cross_layers
+    if self.arch == "rins":
+      rest = self.num_layers - self.num_recursive_layers
+      return (self.num_recursive_layers,) + ((rest,) if rest else ())
+    return (self.num_layers,)
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether layer ``layer`` of its stack (0-based) has the MoE feed-forward: every
+    ``moe_layers``-th, the last of each block (Qwen2-MoE ``decoder_sparse_step``)."""
+    return self.ffn == "moe" and (layer + 1) % self.moe_layers == 0
 
   @property
   def iterations(self) -> int:
@@ -214,8 +229,10 @@ class ModelConfig:
     for field in ("router_aux_loss", "router_z_loss", "capacity_factor"):
       if getattr(self, field) < 0:
         fail(field, "must be >= 0")
-    if self.moe_layers != 1:
-      fail("moe_layers", "only 1 (every layer is MoE) is implemented")
+    stacks = self.stack_sizes
+    if (not isinstance(self.moe_layers, int) or self.moe_layers < 1
+        or any(size % self.moe_layers for size in stacks)):
+      fail("moe_layers", f"must be a positive integer dividing every stack's layer count {stacks}")
     if self.expert_sharding not in EXPERT_SHARDINGS:
       fail("expert_sharding", f"allowed: {', '.join(EXPERT_SHARDINGS)}")
     if self.moe_matmul not in MOE_MATMULS:

@@ -33,7 +33,8 @@ Inputs are packed rows: ``tokens``, ``segment_ids`` (documents 1, 2, ...; 0 = pa
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -136,15 +137,65 @@ class CrossDecoderLayer(nn.Module):
 
 
 def _scan_layers(layer_cls, cfg: ModelConfig, num_layers: int, num_broadcast: int):
-  """``num_layers`` distinct copies of ``layer_cls`` stacked on a leading 'layers' param axis."""
+  """``num_layers`` distinct copies of ``layer_cls`` stacked on a leading 'layers' param axis.
+
+  With MoE in every k-th layer (``moe_layers`` = k > 1) it scans ``num_layers / k`` blocks of
+  k layers instead (:func:`_layer_block`), so compile time stays flat in depth.
+  """
+  k = cfg.moe_layers if cfg.ffn == "moe" else 1
   return nn.scan(
-      _maybe_remat(layer_cls, cfg),
+      _maybe_remat(layer_cls, cfg) if k == 1 else _layer_block(layer_cls),
       variable_axes={"params": 0, INTERMEDIATES: 0},  # Residuals and MoE statistics, per layer.
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * num_broadcast,
-      length=num_layers,
+      length=num_layers // k,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
+
+
+@functools.cache
+def _layer_block(layer_cls):
+  """The scan unit of ``moe_layers`` = k > 1 layers of ``layer_cls``: k - 1 with the dense
+  feed-forward (params ``dense_0`` .. ``dense_{k-2}``), then one with the MoE (``moe``).
+
+  Each layer is rematerialised on its own, as in the k = 1 stack. Takes the layer's own
+  constructor arguments (``cfg``, and ``window`` where the layer has one).
+  """
+
+  class LayerBlock(nn.Module):
+    cfg: ModelConfig
+    window: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x_BxNxD, *inputs):
+      cfg = self.cfg
+      args = (self.window,) if "window" in layer_cls.__dataclass_fields__ else ()
+      layer = _maybe_remat(layer_cls, cfg)
+      for j in range(cfg.moe_layers - 1):
+        x_BxNxD, _ = layer(cfg.replace(ffn="dense"), *args, name=f"dense_{j}")(x_BxNxD, *inputs)
+      x_BxNxD, _ = layer(cfg, *args, name="moe")(x_BxNxD, *inputs)
+      return x_BxNxD, None
+
+  LayerBlock.__name__ = LayerBlock.__qualname__ = f"{layer_cls.__name__}Block"
+  return LayerBlock
+
+
+def stack_depth(cfg: ModelConfig, stack: Any) -> int:
+  """Layers held by a scanned stack's ``layers`` tree."""
+  return jax.tree.leaves(stack)[0].shape[0] * (cfg.moe_layers if cfg.ffn == "moe" else 1)
+
+
+def layer_params(cfg: ModelConfig, stack: Any, layer: int) -> tuple[ModelConfig, Any]:
+  """(config, parameters) of layer ``layer`` (0-based) of a scanned stack's ``layers`` tree.
+
+  The config has ``ffn="dense"`` for the dense layers of an interleaved MoE stack.
+  """
+  k = cfg.moe_layers if cfg.ffn == "moe" else 1
+  if k == 1:
+    return cfg, jax.tree.map(lambda w: w[layer], stack)
+  moe = cfg.is_moe_layer(layer)
+  block = stack["moe" if moe else f"dense_{layer % k}"]
+  return (cfg if moe else cfg.replace(ffn="dense")), jax.tree.map(lambda w: w[layer // k], block)
 
 
 class LayerStack(nn.Module):

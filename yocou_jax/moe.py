@@ -220,11 +220,12 @@ def grouped_matmul(lhs_MxK: Array, rhs_GxKxN: Array, group_sizes_G: Array, *, im
     out = jax.lax.ragged_dot(lhs_MxK, rhs_GxKxN, group_sizes_G, preferred_element_type=acc)
   elif impl == "megablox":
     from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
+    from kernels import ops  # pylint: disable=g-import-not-at-top
     pad = -m % block_rows  # gmm takes whole row tiles.
     out = gmm(jnp.pad(lhs_MxK, ((0, pad), (0, 0))), rhs_GxKxN, group_sizes_G.astype(jnp.int32),
               preferred_element_type=acc,
               tiling=(block_rows, min(128, rhs_GxKxN.shape[1]), min(128, rhs_GxKxN.shape[2])),
-              interpret=jax.default_backend() != "tpu")[:m]
+              interpret=ops.default_kernel() != ("tpu", False))[:m]
   else:
     raise ValueError(f"moe_matmul={impl!r}: allowed: {', '.join(MOE_MATMULS)}")
   return jnp.where(valid_M, out, 0)

@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.router_aux_loss = 0.01  # Weight of the Switch load-balancing loss (K at perfect balance).
   m.router_z_loss = 1e-3  # Weight of the router z-loss mean logsumexp(router logits)^2.
   m.capacity_factor = 0.0  # Slots per expert = ceil(cf * tokens * K / E); 0: dropless.
-  m.moe_layers = 1  # Every k-th layer is MoE (1: all layers).
+  m.moe_layers = 1  # Every k-th layer of each stack is MoE (1: all), the rest dense SwiGLU d_ff.
   m.expert_sharding = "fsdp"  # fsdp: experts sharded like any weight; expert: over the fsdp axis.
   # Grouped matmul of the dropless experts: auto (TPU megablox, GPU ragged_dot, CPU blocked),
   # ragged_dot, blocked (row blocks of one expert each), megablox (TPU Pallas; interpreted off TPU).

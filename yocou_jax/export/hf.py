@@ -153,6 +153,8 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
       continue
     stack = next((s for s in _STACKS if path[:len(s)] == s), None)
     rest = path[len(stack):] if stack else None
+    k, position = _block_member(cfg, rest) if stack else (1, 0)
+    rest = rest[1:] if k > 1 else rest
     if stack is None or rest not in _LAYER_LEAVES:
       raise ExportError(f"parameter {'/'.join(path)} {leaf.shape} has no Hugging Face name: "
                         "the exporter does not know this part of the model")
@@ -161,10 +163,23 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     experts = range(leaf.shape[1]) if rest in _MOE_EXPERT_LEAVES else [None]
     for i in range(leaf.shape[0]):
       for e in experts:
-        name = f"{_STACKS[stack]}.{offset + i}.{_LAYER_LEAVES[rest]}".replace("{e}", str(e))
+        layer = offset + i * k + position
+        name = f"{_STACKS[stack]}.{layer}.{_LAYER_LEAVES[rest]}".replace("{e}", str(e))
         shape = tuple(leaf.shape[1:] if e is None else leaf.shape[2:])
         specs.append(TensorSpec(name, path, i, in_ndim, shape, e, scale))
   return sorted(specs, key=lambda s: _natural_key(s.name))
+
+
+def _block_member(cfg: ModelConfig, rest: tuple[str, ...]) -> tuple[int, int]:
+  """(k, the layer's position in its block of k) for a path under a stack's ``layers``.
+
+  With MoE in every k-th layer (``moe_layers`` = k > 1) the stack scans blocks of k layers,
+  ``dense_0`` .. ``dense_{k-2}`` then ``moe`` (``yocou_jax.model._layer_block``).
+  """
+  k = cfg.moe_layers if cfg.ffn == "moe" else 1
+  if k == 1:
+    return 1, 0
+  return k, (k - 1 if rest[0] == "moe" else int(rest[0].removeprefix("dense_")))
 
 
 def _qwen_moe(cfg: ModelConfig) -> bool:
@@ -177,7 +192,7 @@ def constant_tensors(cfg: ModelConfig) -> dict[str, np.ndarray]:
   if not _qwen_moe(cfg):
     return {}
   return {f"model.layers.{i}.{_QWEN_SHARED_GATE}": np.zeros((1, cfg.d_model), np.float32)
-          for i in range(cfg.num_layers)}
+          for i in range(cfg.num_layers) if cfg.is_moe_layer(i)}
 
 
 def _natural_key(name: str) -> list:
@@ -299,7 +314,6 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_position_embeddin
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "qkv_bias": False,
         "use_sliding_window": False,
-        "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "attention_dropout": 0.0,
     }
@@ -342,6 +356,7 @@ def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
       "shared_expert_intermediate_size": cfg.num_shared_experts * cfg.shared_width,
       "norm_topk_prob": True,
       "router_aux_loss_coef": cfg.router_aux_loss,
+      "decoder_sparse_step": cfg.moe_layers,
   }
 
 

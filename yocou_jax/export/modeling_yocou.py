@@ -86,6 +86,7 @@ class YocouConfig(PretrainedConfig):
         parscale_n: int = 1,
         parscale_n_tokens: int = 0,
         parscale_attn_smooth: float = 0.0,
+        decoder_sparse_step: int = 1,
         use_cache: bool = True,
         **kwargs,
     ):
@@ -124,6 +125,8 @@ class YocouConfig(PretrainedConfig):
         self.parscale_n = parscale_n
         self.parscale_n_tokens = parscale_n_tokens
         self.parscale_attn_smooth = parscale_attn_smooth
+        # Layer i of each stack (0-based) is MoE when (i + 1) % decoder_sparse_step == 0.
+        self.decoder_sparse_step = decoder_sparse_step
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -326,8 +329,11 @@ class YocouMoE(nn.Module):
         return y_TxD.to(x_BxNxD.dtype).reshape(x_BxNxD.shape)
 
 
-def feed_forward(config: YocouConfig) -> nn.Module:
-    return YocouMoE(config) if config.num_experts else YocouMLP(config)
+def feed_forward(config: YocouConfig, layer: int) -> nn.Module:
+    """Layer ``layer`` of its stack: MoE in every ``decoder_sparse_step``-th layer (the last of
+    each group, as in Qwen2-MoE), else the dense MLP."""
+    moe = config.num_experts and (layer + 1) % config.decoder_sparse_step == 0
+    return YocouMoE(config) if moe else YocouMLP(config)
 
 
 class YocouSelfAttention(nn.Module):
@@ -370,12 +376,12 @@ class YocouSelfAttention(nn.Module):
 
 
 class YocouDecoderLayer(nn.Module):
-    def __init__(self, config: YocouConfig, window: Optional[int]):
+    def __init__(self, config: YocouConfig, window: Optional[int], layer: int):
         super().__init__()
         self.input_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = YocouSelfAttention(config, window)
         self.post_attention_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = feed_forward(config)
+        self.mlp = feed_forward(config, layer)
 
     def forward(self, x, positions, cache, slot):
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, slot)
@@ -423,12 +429,12 @@ class YocouCrossAttention(nn.Module):
 
 
 class YocouCrossDecoderLayer(nn.Module):
-    def __init__(self, config: YocouConfig):
+    def __init__(self, config: YocouConfig, layer: int):
         super().__init__()
         self.input_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cross_attn = YocouCrossAttention(config)
         self.post_attention_layernorm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = feed_forward(config)
+        self.mlp = feed_forward(config, layer)
 
     def forward(self, x, positions, k, v):
         x = x + self.cross_attn(self.input_layernorm(x), positions, k, v)
@@ -449,13 +455,15 @@ class YocouModel(YocouPreTrainedModel):
         super().__init__(config)
         window = config.sliding_window if config.is_decoder_decoder else None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Every stack's depth is a multiple of decoder_sparse_step, so the index in this list
+        # (rins: recursive layers, then the rest) places the MoE layers as in each stack.
         self.layers = nn.ModuleList(
-            YocouDecoderLayer(config, window) for _ in range(config.num_decoder_layers()))
+            YocouDecoderLayer(config, window, i) for i in range(config.num_decoder_layers()))
         if config.is_decoder_decoder:
             self.global_kv = YocouGlobalKV(config)
             self.cross_layers = nn.ModuleList(
-                YocouCrossDecoderLayer(config)
-                for _ in range(config.num_hidden_layers - config.num_hidden_layers // 2))
+                YocouCrossDecoderLayer(config, i)
+                for i in range(config.num_hidden_layers - config.num_hidden_layers // 2))
         self.norm = YocouRMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.streams > 1:
             d, p = config.hidden_size, config.parscale_n

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yocou_jax import model as model_lib
 from yocou_jax import moe as moe_lib
 from yocou_jax import parscale as parscale_lib
 from yocou_jax import sharding as sharding_lib
@@ -106,24 +107,20 @@ def _positions(lengths_B: Array, c: int) -> Array:
   return lengths_B[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
 
 
-def _layer_params(stack: Params, l: int) -> Params:
-  return jax.tree.map(lambda w: w[l], stack)
-
-
 def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, rings: list, lengths_B: Array,
                   counts_B: Array, opts: Options):
   """The self-decoder: (L/2 SWA layers) x T, one ring buffer per application (unrolled)."""
   positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
-  num_layers = jax.tree.leaves(stack)[0].shape[0]
+  num_layers = model_lib.stack_depth(cfg, stack)
   updated = []
   for a, ring in enumerate(rings):
-    lp = _layer_params(stack, a % num_layers)
+    layer_cfg, lp = model_lib.layer_params(cfg, stack, a % num_layers)
     q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD), positions_BxC)
     out, ring_k, ring_v = attn_lib.window_attention(
         q, attn_lib.heads_first(k), attn_lib.heads_first(v), ring["k"], ring["v"], lengths_B,
         counts_B, window=cfg.window, block_size=opts.window_block,
         impl=cfg.attention_impl)
-    x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
+    x_BxCxD = _feed_forward(layer_cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
     updated.append({"k": ring_k, "v": ring_v})
   return x_BxCxD, updated
 
@@ -153,10 +150,10 @@ def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, buffers: list, 
   """
   positions_BxC = _positions(lengths_B, x_BxCxD.shape[1])
   slots_BxC = positions_BxC + cfg.stream_prefix_length
-  num_layers = jax.tree.leaves(stack)[0].shape[0]
+  num_layers = model_lib.stack_depth(cfg, stack)
   updated = []
   for a, buffer in enumerate(buffers):
-    lp = _layer_params(stack, a % num_layers)
+    layer_cfg, lp = model_lib.layer_params(cfg, stack, a % num_layers)
     q, k, v = _qkv(cfg, lp["attn"], _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD), positions_BxC)
     if cfg.stream_prefix_length:
       buffer = _with_prefix(lp["attn"]["prefix"], buffer)
@@ -165,7 +162,7 @@ def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, buffers: list, 
     out = attn_lib.cache_attention(q, slots_BxC, cache_k, cache_v,
                                    block_size=opts.kv_block_for(q.shape[1]),
                                    impl=cfg.attention_impl)
-    x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
+    x_BxCxD = _feed_forward(layer_cfg, lp, x_BxCxD + _attention_out(cfg, lp["attn"], out))
     updated.append({"k": cache_k, "v": cache_v})
   return x_BxCxD, updated
 
@@ -186,7 +183,7 @@ def cross_decode(params: Params, cfg: ModelConfig, global_kv: dict, x_BxCxD: Arr
   """The cross-decoder for queries at ``positions`` over the global K/V buffer (keys j <= p)."""
   stack = params["cross_decoder"]["layers"]
   for l in range(cfg.num_cross_layers):
-    lp = _layer_params(stack, l)
+    layer_cfg, lp = model_lib.layer_params(cfg, stack, l)
     h = _apply(RMSNorm(cfg), lp["attn_norm"], x_BxCxD)
     q = _apply(Projection(cfg, (cfg.num_heads, cfg.head_dim), _Q_AXES), lp["query"], h)
     if cfg.cross_rope:
@@ -194,7 +191,7 @@ def cross_decode(params: Params, cfg: ModelConfig, global_kv: dict, x_BxCxD: Arr
     out = attn_lib.cache_attention(q, positions_BxC, global_kv["k"], global_kv["v"],
                                    block_size=opts.kv_block_for(q.shape[1]),
                                    impl=cfg.attention_impl)
-    x_BxCxD = _feed_forward(cfg, lp, x_BxCxD + _attention_out(cfg, lp, out))
+    x_BxCxD = _feed_forward(layer_cfg, lp, x_BxCxD + _attention_out(cfg, lp, out))
   return x_BxCxD
 
 
