@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 ARCHS = ("transformer", "yoco", "yocou", "rins", "looped")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 FFNS = ("dense", "moe")
 EXPERT_SHARDINGS = ("fsdp", "expert")
