@@ -11,6 +11,10 @@ on CPU and unknown devices, a matmul peak measured first. It also checks that yo
 over yoco is no more than its extra arithmetic, and that the grain pipeline delivers tokens far
 faster than the trainer consumes them.
 
+With ``--breakdown`` (default) each arch's step is also profiled and its op time printed by
+model region, matmuls apart from the rest (softmax, norms, elementwise, the loss, layout copies:
+what the analytic FLOPs count ignores); see ``yocou_jax.profiling``.
+
 Targets: MFU >= 50% of the measured peak per arch (float32); yocou/yoco step-time ratio within
 10% of the analytic FLOPs ratio; pipeline tokens/s >= 20x the fastest trainer's.
 
@@ -36,6 +40,7 @@ import numpy as np
 from experiments.configs import default
 from yocou_jax import accounting
 from yocou_jax import moe as moe_lib
+from yocou_jax import profiling
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ModelConfig
 from yocou_jax.model import Model
@@ -57,6 +62,8 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per arch.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per arch.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50, "Batches to time the pipeline.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Also profile each arch's step and print its "
+                               "op time by region: matmuls vs the rest (yocou_jax.profiling).")
 _FFN = flags.DEFINE_enum("ffn", "dense", ["dense", "moe"], "moe: also time each arch with MoE "
                          "FFNs of the dense FFN's active width.")
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "--ffn=moe: routed experts.")
@@ -131,6 +138,12 @@ class TrainStepTimer:
       if record:
         self.times.append(time.perf_counter() - start)
 
+  def breakdown(self) -> dict:
+    """Op time per (kind, region) of one step, from a profiler trace of two more steps."""
+    with sharding_lib.activate(self.mesh):
+      hlo = self.train_step.lower(self.state, self.batch_dev).compile().as_text()
+    return profiling.op_breakdown(lambda: self.step(record=False), hlo)
+
   def row(self) -> dict:
     flops = accounting.train_flops_per_step(self.cfg, self.seq_len, self.batch)
     step_time = statistics.median(self.times)
@@ -143,14 +156,14 @@ class TrainStepTimer:
                if self.cfg.ffn == "moe" else {})}
 
 
-def time_train_steps(configs) -> list[dict]:
+def time_train_steps(configs) -> tuple[list[dict], list[TrainStepTimer]]:
   """Median step time per arch; timed steps are interleaved across archs (a, b, c, a, b, c, ...)
   so that a shared machine's load drifting during the run slows every arch alike."""
   timers = [TrainStepTimer(config) for config in configs]
   for _ in range(_STEPS.value):
     for timer in timers:
       timer.step()
-  return [timer.row() for timer in timers]
+  return [timer.row() for timer in timers], timers
 
 
 def pipeline_tokens_per_sec(config) -> float:
@@ -179,7 +192,10 @@ def main(argv):
   if _FFN.value == "moe":
     configs = [c for arch in _ARCHS.value for c in (
         bench_config(arch), *(moe_bench_config(arch, m) for m in _MOE_MATMULS.value))]
-  rows = time_train_steps(configs)
+  rows, timers = time_train_steps(configs)
+  if _BREAKDOWN.value:
+    for row, timer in zip(rows, timers):
+      row["op_breakdown"] = timer.breakdown()
   for row in rows:
     row["mfu"] = row["flops_per_sec"] / peak
   by_arch = {r["arch"]: r for r in rows}
@@ -220,6 +236,9 @@ def main(argv):
     print(f"{r['arch']:<22}{r['step_time_s']:>9.3f}{r['tokens_per_sec']:>11,.0f}"
           f"{r['train_flops_per_step'] / 1e9:>12,.1f}{r['flops_per_sec'] / 1e9:>10,.1f}"
           f"{100 * r['mfu']:>7.1f}%{'yes' if r['mfu'] >= 0.5 else 'NO':>7}")
+  for r in rows:
+    if "op_breakdown" in r:
+      print("\n".join(profiling.format_breakdown(r["op_breakdown"], r["arch"])))
   if "yocou_over_yoco" in result:
     g = result["yocou_over_yoco"]
     print(f"yocou/yoco: time x{g['time_ratio']:.3f}, FLOPs x{g['flops_ratio']:.3f}, gap "

@@ -37,6 +37,10 @@ def test_bench_train_figures_follow_from_step_times(tmp_path):
     assert row["mfu"] == pytest.approx(row["train_flops_per_step"] / row["step_time_s"] / peak)
     assert row["tokens_per_sec"] == pytest.approx(2 * 128 / row["step_time_s"])
     assert abs(row["loss"] - math.log(384)) < 0.5  # Random tokens, a few warm-up steps.
+    seconds = row["op_breakdown"]["seconds"]  # Every region of the model shows up in the trace.
+    for region in ("attention", "feed-forward", "loss"):
+      assert seconds["matmul"][region] > 0, region
+    assert seconds["other"]["norms"] > 0 and seconds["other"]["optimizer, metrics"] > 0
   yoco, yocou = result["rows"]
   gap = result["yocou_over_yoco"]
   assert gap["time_ratio"] == pytest.approx(yocou["step_time_s"] / yoco["step_time_s"])
@@ -44,6 +48,7 @@ def test_bench_train_figures_follow_from_step_times(tmp_path):
       yocou["train_flops_per_step"] / yoco["train_flops_per_step"])
   assert 1.5 < gap["flops_ratio"] < 3  # Two more self-decoder passes, not three more models.
   assert "yocou/yoco: time x" in run.stdout and "MFU" in run.stdout
+  assert "yocou: op time" in run.stdout and "by region" in run.stdout
 
 
 def test_bench_inference_figures_follow_from_measurements(tmp_path):

@@ -321,7 +321,7 @@ def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
   assert losses[-1] < 0.3 * losses[0], losses
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "offload"])
 def test_remat_policies_give_the_same_loss_and_gradients(tiny_config, policy):
   cfg = tiny_config("yocou")
   params = random_params(cfg)

@@ -17,7 +17,7 @@ ARCHS = ("transformer", "yoco", "yocou", "rins", "looped", "parscale", "yoco_upp
 # The decoder-decoder archs: a self-decoder, one global K/V and a cross-decoder.
 DECODER_DECODER_ARCHS = ("yoco", "yocou", "yoco_upper_loop", "yoco_upper_loop_nokv")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 FFNS = ("dense", "moe")
 EXPERT_SHARDINGS = ("fsdp", "expert")

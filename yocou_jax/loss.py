@@ -28,6 +28,7 @@ Array = jax.Array
 # Positions of every row per loss chunk on accelerators ([rows, C, V] float32 logits a chunk);
 # on CPU the whole row is one chunk (the vocabularies trained there are small).
 ACCELERATOR_CHUNK_SIZE = 256
+SCOPE = "fused_cross_entropy"  # Name scope of the fused loss's ops (profiles, HLO dumps).
 
 
 def next_token_targets(tokens_BxN: Array, segment_ids_BxN: Array) -> tuple[Array, Array]:
@@ -101,10 +102,11 @@ def token_cross_entropy(h_BxNxD: Array, w_DxV: Array, targets_BxN: Array,
   n = h_BxNxD.shape[1]
   chunk = resolve_chunk_size(chunk_size, n)
   pad = -n % chunk
-  if pad:  # Zero features and target 0 on the padded positions; their outputs are dropped.
-    h_BxNxD = jnp.pad(h_BxNxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxN = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
-  ce_BxN, log_z_BxN = _token_cross_entropy(h_BxNxD, w_DxV, targets_BxN, chunk)
+  with jax.named_scope(SCOPE):
+    if pad:  # Zero features and target 0 on the padded positions; their outputs are dropped.
+      h_BxNxD = jnp.pad(h_BxNxD, ((0, 0), (0, pad), (0, 0)))
+      targets_BxN = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
+    ce_BxN, log_z_BxN = _token_cross_entropy(h_BxNxD, w_DxV, targets_BxN, chunk)
   return ce_BxN[:, :n], log_z_BxN[:, :n]
 
 
@@ -198,8 +200,9 @@ def _token_cross_entropy_bwd(chunk, residuals, cotangents):
 
   xs = tuple(_to_chunks(x, chunk) for x in (h_BxNxD, targets_BxN, log_z_BxN, g_ce_BxN,
                                              g_log_z_BxN))
-  dw_DxV = activation(jnp.zeros(w_DxV.shape, jnp.float32), None, "activation_vocab")
-  dw_DxV, dh_KxBxCxD = jax.lax.scan(body, dw_DxV, xs)
+  with jax.named_scope(SCOPE):
+    dw_DxV = activation(jnp.zeros(w_DxV.shape, jnp.float32), None, "activation_vocab")
+    dw_DxV, dh_KxBxCxD = jax.lax.scan(body, dw_DxV, xs)
   dh_BxNxD = jnp.moveaxis(dh_KxBxCxD, 0, 1).reshape(h_BxNxD.shape)
   return dh_BxNxD, dw_DxV.astype(w_DxV.dtype), None
 

@@ -39,6 +39,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from yocou_jax import attention as attention_lib
 from yocou_jax import moe as moe_lib
@@ -50,11 +51,17 @@ Array = jax.Array
 # Collection of the residual stream after every layer application, [T, layers, B, N, D] per
 # stack, filled only when applied with ``mutable=[INTERMEDIATES]`` (representation analysis).
 INTERMEDIATES = "intermediates"
+LAYER_INPUT = "layer_input"  # checkpoint_name of every layer's input (remat="offload").
 
 _REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole layer in the backward pass.
     "dots": jax.checkpoint_policies.checkpoint_dots,  # Save every matmul output.
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Projections only.
+    # As "full", but each layer's input (what the layer scan keeps for the backward pass, one
+    # [B, N, D] per layer application) is kept in pinned host memory, not in HBM.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -103,6 +110,7 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BxNxD, segment_ids_BxN, positions_BxN):
     cfg = self.cfg
+    x_BxNxD = checkpoint_name(x_BxNxD, LAYER_INPUT)
     h = RMSNorm(cfg, name="attn_norm")(x_BxNxD)
     x_BxNxD = x_BxNxD + SelfAttention(cfg, self.window, name="attn")(h, segment_ids_BxN,
                                                                      positions_BxN)
@@ -120,6 +128,7 @@ class CrossDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BxNxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, positions_BxN):
     cfg = self.cfg
+    x_BxNxD = checkpoint_name(x_BxNxD, LAYER_INPUT)
     h = RMSNorm(cfg, name="attn_norm")(x_BxNxD)
     q_BxNxHxD = Projection(cfg, (cfg.num_heads, cfg.head_dim), ("embed", "q_heads", "head_dim"),
                            name="query")(h)

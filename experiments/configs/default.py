@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False  # Share the input embedding with the output projection.
   m.dtype = "float32"  # Activation dtype: float32 or bfloat16 (params stay float32).
   m.attention_impl = "xla"  # Attention backend: xla (pallas, cudnn with the kernels).
-  m.remat = "none"  # Rematerialisation: none, full, dots (save matmul outputs).
+  m.remat = "none"  # Rematerialisation: none, full, dots (save matmul outputs), offload (full;
+  # layer inputs kept in pinned host memory).
   m.rope_theta = 10_000.0  # RoPE base.
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.init_std = 0.02  # Std of the normal initialiser of every weight matrix.

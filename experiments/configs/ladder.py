@@ -67,11 +67,13 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
                                 + 3 * d_model * swiglu_width(d_model))
   batch_rows = 512  # 4M tokens per step, as in the paper.
   steps = max(1000, TOKENS_PER_PARAM * non_embedding // (batch_rows * 8192))
-  # 16 microbatches of 32 rows: a v5p-8 / 8-GPU host holds 4 rows of 8192 per chip per pass
-  # (python -m experiments.compile_for checks a slice); use fewer on larger slices.
+  # 4 microbatches of 128 rows: a v5p-8 holds 16 rows of 8192 per chip per pass with full remat
+  # and the fused loss (s4 yocou: 57.8 GiB of temporaries, 59.7 of 95 GiB in all; with the
+  # materialised [rows, 8192, 100352] logits it needed 16 microbatches). Check a slice with
+  # python -m experiments.compile_for; larger slices hold the same rows per chip in fewer passes.
   config.train.update(batch_size=batch_rows, steps=steps, learning_rate=1e-3, b1=0.9, b2=0.95,
                       warmup_steps=375, schedule="linear", min_lr_ratio=0.0, weight_decay=0.05,
-                      z_loss=1e-4, microbatches=16)
+                      z_loss=1e-4, microbatches=4)
   config.eval.update(every_steps=500, num_batches=16, batch_size=64)
   config.checkpoint.update(every_steps=500, keep=3)
   config.logging.every_steps = 20
