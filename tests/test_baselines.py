@@ -29,7 +29,9 @@ PARSCALE = dict(num_streams=3, prefix_length=2)
 
 
 def _config(tiny_config, arch, **overrides):
-  return tiny_config(arch, **{**(PARSCALE if arch == "parscale" else {}), **overrides})
+  """Two layers (one self-, one cross-decoder layer for the upper loops) unless overridden."""
+  defaults = {"num_layers": 2, **(PARSCALE if arch == "parscale" else {})}
+  return tiny_config(arch, **{**defaults, **overrides})
 
 
 # --- the upper loop ---------------------------------------------------------------------------
@@ -64,16 +66,16 @@ def test_upper_loop_matches_explicit_layer_composition(tiny_config, arch):
 
 @pytest.mark.parametrize("arch", UPPER_LOOPS)
 def test_upper_loop_with_one_iteration_is_yoco_and_params_do_not_depend_on_t(tiny_config, arch):
-  yoco = tiny_config("yoco")
+  yoco = _config(tiny_config, "yoco")
   shapes = jax.tree.map(lambda x: x.shape, accounting.abstract_params(yoco))
   for t in (1, 2, 5):
-    cfg = tiny_config(arch, num_iterations=t)
+    cfg = _config(tiny_config, arch, num_iterations=t)
     assert jax.tree.map(lambda x: x.shape, accounting.abstract_params(cfg)) == shapes
     assert accounting.param_counts(cfg) == accounting.param_counts(yoco)
   params = random_params(yoco)
   batch = single_documents()
   np.testing.assert_array_equal(
-      np.asarray(forward_fn(tiny_config(arch, num_iterations=1))(params, *batch)),
+      np.asarray(forward_fn(_config(tiny_config, arch, num_iterations=1))(params, *batch)),
       np.asarray(forward_fn(yoco)(params, *batch)))
 
 
@@ -104,8 +106,8 @@ def test_upper_loop_accounting_closed_forms(tiny_config):
 # --- ParScale ---------------------------------------------------------------------------------
 
 def test_parscale_one_stream_without_prefix_is_the_transformer(tiny_config):
-  transformer = tiny_config("transformer")
-  cfg = tiny_config("parscale", num_streams=1, prefix_length=0)
+  transformer = _config(tiny_config, "transformer")
+  cfg = _config(tiny_config, "parscale", num_streams=1, prefix_length=0)
   assert jax.tree.map(lambda x: x.shape, accounting.abstract_params(cfg)) == jax.tree.map(
       lambda x: x.shape, accounting.abstract_params(transformer))
   params = random_params(transformer)
@@ -135,7 +137,7 @@ def _softmax(x):
 def test_parscale_matches_streams_run_alone_and_official_aggregation(tiny_config):
   # Stream p of the P-stream model is the one-stream model holding prefix p; the streams are
   # then combined by the official formula, re-implemented here in float64 numpy.
-  cfg = _config(tiny_config, "parscale")
+  cfg = _config(tiny_config, "parscale", num_layers=4)
   p, m = cfg.num_streams, cfg.prefix_length
   params = random_params(cfg)
   batch = single_documents()
@@ -181,7 +183,7 @@ def test_parscale_prefix_is_seen_by_every_document_of_a_packed_row(tiny_config):
 
 
 def test_parscale_accounting_closed_forms(tiny_config):
-  cfg = _config(tiny_config, "parscale")
+  cfg = _config(tiny_config, "parscale", num_layers=4)
   transformer = tiny_config("transformer")
   p, m, n, bpt = cfg.num_streams, cfg.prefix_length, 256, 2 * 2 * 8 * 4
   flops = accounting.flops_per_token(cfg, n)["by_part"]
