@@ -6,7 +6,9 @@ for parameters stored once, for training, and for cached inference (prefill + de
 forward, live cache bytes == the planner's).
 """
 
+import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,10 @@ import pytest
 from tests.inference import reference as ref_lib
 from tests.test_model import (_layer, forward_fn, jit, random_params, single_documents)
 from yocou_jax import accounting
+from yocou_jax import aot
+from yocou_jax import attention as attention_lib
 from yocou_jax import loss as loss_lib
+from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.layers import RMSNorm
@@ -196,6 +201,58 @@ def test_parscale_accounting_closed_forms(tiny_config):
   assert accounting.kv_cache_bytes(cfg, 1000, batch=2) == 2 * p * 4 * (1000 + m) * bpt
 
 
+def test_prefix_attention_matches_float64_softmax():
+  # Every query sees the M prefix keys, then its own document's causal keys (chunks of 4).
+  rng = np.random.default_rng(0)
+  b, n, h, k, d, m = 2, 11, 4, 2, 8, 3
+  q, keys, values = (rng.standard_normal(s) for s in ((b, n, h, d), (b, n, k, d), (b, n, k, d)))
+  prefix = tuple(rng.standard_normal((b, m, k, d)) for _ in range(2))
+  seg = np.array([[1] * 6 + [2] * 5, [1] * 11])
+  got = attention_lib.causal_attention(*(jnp.asarray(x, jnp.float32) for x in (q, keys, values)),
+                                       segment_ids=jnp.asarray(seg), block_size=4,
+                                       prefix=tuple(jnp.asarray(x, jnp.float32) for x in prefix))
+  want = np.zeros((b, n, h, d))
+  for bi in range(b):
+    for i in range(n):
+      visible = [j for j in range(i + 1) if seg[bi, j] == seg[bi, i]]
+      kk = np.concatenate([prefix[0][bi], keys[bi, visible]])
+      vv = np.concatenate([prefix[1][bi], values[bi, visible]])
+      for hi in range(h):
+        scores = kk[:, hi // (h // k)] @ q[bi, i, hi] / math.sqrt(d)
+        want[bi, i, hi] = _softmax(scores) @ vv[:, hi // (h // k)]
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_streams", 0, "config.model.num_streams=0 is invalid: must be a positive integer"),
+    ("prefix_length", -1, "config.model.prefix_length=-1 is invalid: must be a non-negative"),
+    ("stream_weight_smoothing", 1.0, "config.model.stream_weight_smoothing=1.0 is invalid: "
+                                     "must be in [0, 1)"),
+    ("attention_impl", "pallas", "config.model.attention_impl='pallas' is invalid: parscale "
+                                 "with prefix_length > 0 runs xla attention"),
+])
+def test_parscale_bad_fields_name_the_field(field, value, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    ModelConfig(arch="parscale", **{field: value})
+
+
+def test_aot_flops_basis_counts_loops_not_streams():
+  # XLA counts a scan body once: ParScale's P streams are batch rows (all counted), the upper
+  # loop's T iterations are a scan only when not unrolled (and so is nokv's global K/V).
+  cfg = ModelConfig(arch="parscale", num_layers=4, num_streams=3, prefix_length=2)
+  by_part = accounting.flops_per_token(cfg, 128)["by_part"]
+  once = aot.train_flops(cfg, 128, 8, 1)["analytic_loops_once"]
+  rest = sum(v for k, v in by_part.items() if k != "decoder")
+  assert once == pytest.approx(3 * 128 * 8 * (by_part["decoder"] / 4 + rest))
+  nokv = ModelConfig(arch="yoco_upper_loop_nokv", num_layers=4, num_iterations=3,
+                     unroll_loops=False)
+  by_part = accounting.flops_per_token(nokv, 128)["by_part"]
+  once = aot.train_flops(nokv, 128, 8, 1)["analytic_loops_once"]
+  expected = (by_part["self_decoder"] / 2 + by_part["cross_decoder"] / 6
+              + by_part["global_kv"] / 3 + by_part["lm_head"])
+  assert once == pytest.approx(3 * 128 * 8 * expected)
+
+
 # --- training and cached inference --------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
@@ -242,6 +299,12 @@ def test_cached_inference_matches_forward_and_planned_cache_bytes(arch):
   assert np.abs(want).max() > 1.0
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   assert cache_lib.cache_bytes(state.cache) == accounting.kv_cache_bytes(cfg, max_len, 2)
+  # The scoring path (evaluation): logits at every position of a chunk, from an empty cache.
+  score = jax.jit(functools.partial(engine_lib.chunk_logits, cfg=cfg, opts=opts))
+  chunk, _ = score(params, engine_lib.init_state(cfg, 2, max_len), tokens[:, :8],
+                   np.array([8, 8], np.int32))
+  np.testing.assert_allclose(np.asarray(chunk), ref_lib.reference_logits(cfg, params, tokens)[:, :8],
+                             rtol=0, atol=1e-5)
   expected_global = {"yoco_upper_loop": 1, "yoco_upper_loop_nokv": 3}
   if arch in expected_global:
     assert len(state.cache["global_kv"]) == expected_global[arch]
