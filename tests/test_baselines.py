@@ -310,3 +310,25 @@ def test_cached_inference_matches_forward_and_planned_cache_bytes(arch):
     assert len(state.cache["global_kv"]) == expected_global[arch]
   else:
     assert state.cache["decoder"][0]["k"].shape == (3 * 2, 2, 2 + max_len, 8)
+
+
+# --- the paper's line-up -------------------------------------------------------------------------
+
+def test_table3_lineup_and_the_deeper_config():
+  from experiments import plan as plan_binary  # pylint: disable=g-import-not-at-top
+  from experiments.configs import yoco_deep_1p3b, yocou_1p3b  # pylint: disable=g-import-not-at-top
+  config = yocou_1p3b.get_config()
+  plans = plan_binary.build_plans(config, ["transformer", "rins", "looped:2", "parscale:2",
+                                           "yocou", "parscale"], [8192])
+  flops = {item: p["train_flops_per_token"] for item, p in plans.items()}
+  # 10 layers x 3 + 10 and 20 layers x 2: the same 40 layer applications of the same shapes.
+  assert flops["looped:2"] == flops["rins"]
+  assert flops["parscale:2"] == flops["parscale"]  # The config's P is already 2.
+  for item in ("rins", "looped:2", "parscale:2"):
+    assert 1.8 < flops[item] / flops["transformer"] < 2.0, item
+  with pytest.raises(ConfigError, match="'transformer:2' is invalid: ARCH:K takes a positive K"):
+    plan_binary.build_plans(config, ["transformer:2"], [8192])
+  deep = ModelConfig.from_config(yoco_deep_1p3b.get_config().model)
+  assert (deep.arch, deep.num_layers, deep.d_model) == ("yoco", 40, 1792)
+  ratio = accounting.flops_per_token(deep, 8192)["train"] / flops["yocou"]
+  assert ratio == pytest.approx(10.987 / 13.314, abs=1e-3)  # The figures its docstring quotes.
