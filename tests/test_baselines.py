@@ -22,6 +22,7 @@ from yocou_jax import accounting
 from yocou_jax import aot
 from yocou_jax import attention as attention_lib
 from yocou_jax import loss as loss_lib
+from yocou_jax import moe as moe_lib
 from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import engine as engine_lib
@@ -106,6 +107,23 @@ def test_upper_loop_accounting_closed_forms(tiny_config):
       pytest.approx(extra))
   parts = {p.name: p for p in accounting.model_parts(nokv)}
   assert parts["cross_decoder"].applications == t and parts["global_kv"].applications == t
+
+
+def test_upper_loop_sows_per_iteration_and_layer_next_to_the_self_decoder(tiny_config):
+  # The residual stream and the MoE statistics of the looped cross-decoder stack to [T, L/2, ...]
+  # beside the self-decoder's [L/2, ...] (representation analysis, router losses).
+  cfg = tiny_config("yoco_upper_loop_nokv", num_iterations=3, ffn="moe", num_experts=4,
+                    expert_d_ff=16)
+  params = random_params(cfg)
+  tokens = single_documents()[0]
+  sown = jit(lambda p, t: Model(cfg).apply({"params": p}, t, mutable=["intermediates"])[1])(
+      params, tokens)["intermediates"]
+  assert sown["cross_decoder"]["layers"]["residual"][0].shape == (3, 2, 2, 16, 32)
+  assert sown["self_decoder"]["stack"]["layers"]["residual"][0].shape == (2, 2, 16, 32)
+  stats = moe_lib.collect_stats(sown)
+  assert float(stats["max_load"]) >= 1.0 and 0.0 < float(stats["load_balance"])
+  cross = jax.tree.leaves(sown["cross_decoder"]["layers"]["mlp"])
+  assert cross and all(leaf.shape[:2] == (3, 2) for leaf in cross)
 
 
 # --- ParScale ---------------------------------------------------------------------------------
