@@ -27,6 +27,7 @@ from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.layers import RMSNorm
+from yocou_jax.scaling import depth as depth_lib
 from yocou_jax.model import CrossDecoderLayer, DecoderLayer, GlobalKV, Model
 
 UPPER_LOOPS = ("yoco_upper_loop", "yoco_upper_loop_nokv")
@@ -124,6 +125,12 @@ def test_upper_loop_sows_per_iteration_and_layer_next_to_the_self_decoder(tiny_c
   assert float(stats["max_load"]) >= 1.0 and 0.0 < float(stats["load_balance"])
   cross = jax.tree.leaves(sown["cross_decoder"]["layers"]["mlp"])
   assert cross and all(leaf.shape[:2] == (3, 2) for leaf in cross)
+  tokens, seg, pos = single_documents()
+  labels = [label for label, _, _ in depth_lib.residual_states(
+      cfg.replace(ffn="dense"), random_params(cfg.replace(ffn="dense")),
+      {"tokens": tokens, "segment_ids": seg, "positions": pos})]
+  assert labels == ["embedding", "self_decoder L0", "self_decoder L1"] + [
+      f"cross_decoder T{t} L{l}" for t in (1, 2, 3) for l in (0, 1)]
 
 
 # --- ParScale ---------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ The archs (L = num_layers, T = num_iterations, W = window)::
                       -> cross-decoder: L/2 layers attending to K,V -> norm -> head
   yocou         yoco with the whole self-decoder applied T times (the Universal Self-Decoder);
                 the global K,V are computed once, from the last iteration's output.
-  yoco_upper_loop       yoco with the cross-decoder applied T times over the one global K,V.
+  yoco_upper_loop       yoco with the cross-decoder applied T times over the one global K,V
+                        (:class:`UpperLoop`, the same shared-weight scan as LoopedStack).
   yoco_upper_loop_nokv  the same, each iteration making its own K,V from its input.
   parscale      P copies of the transformer (P x B rows, a learned K/V prefix per stream and
                 layer), final norm, learned weighted sum of the streams -> head
@@ -242,7 +243,8 @@ class UpperLoop(nn.Module):
   the (t-1)-th cross-decoder output; inference keeps one global cache per iteration.
 
   The model's own ``global_kv`` and ``cross_decoder`` are passed in (shared modules), so their
-  parameters sit where yoco has them; this module holds none.
+  parameters sit where yoco has them; this module holds none. (A scan over the Model itself
+  would also lift every intermediate the self-decoder has already sown into the loop.)
   """
 
   cfg: ModelConfig
