@@ -138,7 +138,8 @@ def test_forward_flops_match_xla(arch):
   # analytic rule: the masked keys the blocked kernels compute (SWA reads 96 keys per query for an
   # average of 56 visible; causal chunks average 144 keys against N/2 = 128) and elementwise
   # work (softmax, SiLU, norms, RoPE, residuals: about 2%). Measured XLA/analytic on CPU:
-  # transformer 1.036, yoco 1.050, yocou 1.057, rins 1.037, looped 1.037.
+  # transformer 1.036, yoco 1.050, yocou 1.057, rins 1.037, looped 1.037, parscale (P=2, 48
+  # prefix keys) 1.037, yoco_upper_loop 1.043, yoco_upper_loop_nokv 1.043.
   seq_len = 256
   cfg = _small(arch)
   analytic = accounting.flops_per_token(cfg, seq_len)

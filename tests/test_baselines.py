@@ -6,7 +6,9 @@ for parameters stored once, for training, and for cached inference (prefill + de
 forward, live cache bytes == the planner's).
 """
 
+import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +19,15 @@ import pytest
 from tests.inference import reference as ref_lib
 from tests.test_model import (_layer, forward_fn, jit, random_params, single_documents)
 from yocou_jax import accounting
+from yocou_jax import aot
+from yocou_jax import attention as attention_lib
 from yocou_jax import loss as loss_lib
+from yocou_jax import moe as moe_lib
+from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.layers import RMSNorm
+from yocou_jax.scaling import depth as depth_lib
 from yocou_jax.model import CrossDecoderLayer, DecoderLayer, GlobalKV, Model
 
 UPPER_LOOPS = ("yoco_upper_loop", "yoco_upper_loop_nokv")
@@ -29,7 +36,9 @@ PARSCALE = dict(num_streams=3, prefix_length=2)
 
 
 def _config(tiny_config, arch, **overrides):
-  return tiny_config(arch, **{**(PARSCALE if arch == "parscale" else {}), **overrides})
+  """Two layers (one self-, one cross-decoder layer for the upper loops) unless overridden."""
+  defaults = {"num_layers": 2, **(PARSCALE if arch == "parscale" else {})}
+  return tiny_config(arch, **{**defaults, **overrides})
 
 
 # --- the upper loop ---------------------------------------------------------------------------
@@ -64,16 +73,16 @@ def test_upper_loop_matches_explicit_layer_composition(tiny_config, arch):
 
 @pytest.mark.parametrize("arch", UPPER_LOOPS)
 def test_upper_loop_with_one_iteration_is_yoco_and_params_do_not_depend_on_t(tiny_config, arch):
-  yoco = tiny_config("yoco")
+  yoco = _config(tiny_config, "yoco")
   shapes = jax.tree.map(lambda x: x.shape, accounting.abstract_params(yoco))
   for t in (1, 2, 5):
-    cfg = tiny_config(arch, num_iterations=t)
+    cfg = _config(tiny_config, arch, num_iterations=t)
     assert jax.tree.map(lambda x: x.shape, accounting.abstract_params(cfg)) == shapes
     assert accounting.param_counts(cfg) == accounting.param_counts(yoco)
   params = random_params(yoco)
   batch = single_documents()
   np.testing.assert_array_equal(
-      np.asarray(forward_fn(tiny_config(arch, num_iterations=1))(params, *batch)),
+      np.asarray(forward_fn(_config(tiny_config, arch, num_iterations=1))(params, *batch)),
       np.asarray(forward_fn(yoco)(params, *batch)))
 
 
@@ -101,11 +110,34 @@ def test_upper_loop_accounting_closed_forms(tiny_config):
   assert parts["cross_decoder"].applications == t and parts["global_kv"].applications == t
 
 
+def test_upper_loop_sows_per_iteration_and_layer_next_to_the_self_decoder(tiny_config):
+  # The residual stream and the MoE statistics of the looped cross-decoder stack to [T, L/2, ...]
+  # beside the self-decoder's [L/2, ...] (representation analysis, router losses).
+  cfg = tiny_config("yoco_upper_loop_nokv", num_iterations=3, ffn="moe", num_experts=4,
+                    expert_d_ff=16)
+  params = random_params(cfg)
+  tokens = single_documents()[0]
+  sown = jit(lambda p, t: Model(cfg).apply({"params": p}, t, mutable=["intermediates"])[1])(
+      params, tokens)["intermediates"]
+  assert sown["cross_decoder"]["layers"]["residual"][0].shape == (3, 2, 2, 16, 32)
+  assert sown["self_decoder"]["stack"]["layers"]["residual"][0].shape == (2, 2, 16, 32)
+  stats = moe_lib.collect_stats(sown)
+  assert float(stats["max_load"]) >= 1.0 and 0.0 < float(stats["load_balance"])
+  cross = jax.tree.leaves(sown["cross_decoder"]["layers"]["mlp"])
+  assert cross and all(leaf.shape[:2] == (3, 2) for leaf in cross)
+  tokens, seg, pos = single_documents()
+  labels = [label for label, _, _ in depth_lib.residual_states(
+      cfg.replace(ffn="dense"), random_params(cfg.replace(ffn="dense")),
+      {"tokens": tokens, "segment_ids": seg, "positions": pos})]
+  assert labels == ["embedding", "self_decoder L0", "self_decoder L1"] + [
+      f"cross_decoder T{t} L{l}" for t in (1, 2, 3) for l in (0, 1)]
+
+
 # --- ParScale ---------------------------------------------------------------------------------
 
 def test_parscale_one_stream_without_prefix_is_the_transformer(tiny_config):
-  transformer = tiny_config("transformer")
-  cfg = tiny_config("parscale", num_streams=1, prefix_length=0)
+  transformer = _config(tiny_config, "transformer")
+  cfg = _config(tiny_config, "parscale", num_streams=1, prefix_length=0)
   assert jax.tree.map(lambda x: x.shape, accounting.abstract_params(cfg)) == jax.tree.map(
       lambda x: x.shape, accounting.abstract_params(transformer))
   params = random_params(transformer)
@@ -135,7 +167,7 @@ def _softmax(x):
 def test_parscale_matches_streams_run_alone_and_official_aggregation(tiny_config):
   # Stream p of the P-stream model is the one-stream model holding prefix p; the streams are
   # then combined by the official formula, re-implemented here in float64 numpy.
-  cfg = _config(tiny_config, "parscale")
+  cfg = _config(tiny_config, "parscale", num_layers=4)
   p, m = cfg.num_streams, cfg.prefix_length
   params = random_params(cfg)
   batch = single_documents()
@@ -181,7 +213,7 @@ def test_parscale_prefix_is_seen_by_every_document_of_a_packed_row(tiny_config):
 
 
 def test_parscale_accounting_closed_forms(tiny_config):
-  cfg = _config(tiny_config, "parscale")
+  cfg = _config(tiny_config, "parscale", num_layers=4)
   transformer = tiny_config("transformer")
   p, m, n, bpt = cfg.num_streams, cfg.prefix_length, 256, 2 * 2 * 8 * 4
   flops = accounting.flops_per_token(cfg, n)["by_part"]
@@ -192,6 +224,58 @@ def test_parscale_accounting_closed_forms(tiny_config):
   assert flops["lm_head"] == base["lm_head"]
   # P caches of L layers, each with the M prefix tokens in front.
   assert accounting.kv_cache_bytes(cfg, 1000, batch=2) == 2 * p * 4 * (1000 + m) * bpt
+
+
+def test_prefix_attention_matches_float64_softmax():
+  # Every query sees the M prefix keys, then its own document's causal keys (chunks of 4).
+  rng = np.random.default_rng(0)
+  b, n, h, k, d, m = 2, 11, 4, 2, 8, 3
+  q, keys, values = (rng.standard_normal(s) for s in ((b, n, h, d), (b, n, k, d), (b, n, k, d)))
+  prefix = tuple(rng.standard_normal((b, m, k, d)) for _ in range(2))
+  seg = np.array([[1] * 6 + [2] * 5, [1] * 11])
+  got = attention_lib.causal_attention(*(jnp.asarray(x, jnp.float32) for x in (q, keys, values)),
+                                       segment_ids=jnp.asarray(seg), block_size=4,
+                                       prefix=tuple(jnp.asarray(x, jnp.float32) for x in prefix))
+  want = np.zeros((b, n, h, d))
+  for bi in range(b):
+    for i in range(n):
+      visible = [j for j in range(i + 1) if seg[bi, j] == seg[bi, i]]
+      kk = np.concatenate([prefix[0][bi], keys[bi, visible]])
+      vv = np.concatenate([prefix[1][bi], values[bi, visible]])
+      for hi in range(h):
+        scores = kk[:, hi // (h // k)] @ q[bi, i, hi] / math.sqrt(d)
+        want[bi, i, hi] = _softmax(scores) @ vv[:, hi // (h // k)]
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_streams", 0, "config.model.num_streams=0 is invalid: must be a positive integer"),
+    ("prefix_length", -1, "config.model.prefix_length=-1 is invalid: must be a non-negative"),
+    ("stream_weight_smoothing", 1.0, "config.model.stream_weight_smoothing=1.0 is invalid: "
+                                     "must be in [0, 1)"),
+    ("attention_impl", "pallas", "config.model.attention_impl='pallas' is invalid: parscale "
+                                 "with prefix_length > 0 runs xla attention"),
+])
+def test_parscale_bad_fields_name_the_field(field, value, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    ModelConfig(arch="parscale", **{field: value})
+
+
+def test_aot_flops_basis_counts_loops_not_streams():
+  # XLA counts a scan body once: ParScale's P streams are batch rows (all counted), the upper
+  # loop's T iterations are a scan only when not unrolled (and so is nokv's global K/V).
+  cfg = ModelConfig(arch="parscale", num_layers=4, num_streams=3, prefix_length=2)
+  by_part = accounting.flops_per_token(cfg, 128)["by_part"]
+  once = aot.train_flops(cfg, 128, 8, 1)["analytic_loops_once"]
+  rest = sum(v for k, v in by_part.items() if k != "decoder")
+  assert once == pytest.approx(3 * 128 * 8 * (by_part["decoder"] / 4 + rest))
+  nokv = ModelConfig(arch="yoco_upper_loop_nokv", num_layers=4, num_iterations=3,
+                     unroll_loops=False)
+  by_part = accounting.flops_per_token(nokv, 128)["by_part"]
+  once = aot.train_flops(nokv, 128, 8, 1)["analytic_loops_once"]
+  expected = (by_part["self_decoder"] / 2 + by_part["cross_decoder"] / 6
+              + by_part["global_kv"] / 3 + by_part["lm_head"])
+  assert once == pytest.approx(3 * 128 * 8 * expected)
 
 
 # --- training and cached inference --------------------------------------------------------------
@@ -240,8 +324,36 @@ def test_cached_inference_matches_forward_and_planned_cache_bytes(arch):
   assert np.abs(want).max() > 1.0
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   assert cache_lib.cache_bytes(state.cache) == accounting.kv_cache_bytes(cfg, max_len, 2)
+  # The scoring path (evaluation): logits at every position of a chunk, from an empty cache.
+  score = jax.jit(functools.partial(engine_lib.chunk_logits, cfg=cfg, opts=opts))
+  chunk, _ = score(params, engine_lib.init_state(cfg, 2, max_len), tokens[:, :8],
+                   np.array([8, 8], np.int32))
+  np.testing.assert_allclose(np.asarray(chunk), ref_lib.reference_logits(cfg, params, tokens)[:, :8],
+                             rtol=0, atol=1e-5)
   expected_global = {"yoco_upper_loop": 1, "yoco_upper_loop_nokv": 3}
   if arch in expected_global:
     assert len(state.cache["global_kv"]) == expected_global[arch]
   else:
     assert state.cache["decoder"][0]["k"].shape == (3 * 2, 2, 2 + max_len, 8)
+
+
+# --- the paper's line-up -------------------------------------------------------------------------
+
+def test_table3_lineup_and_the_deeper_config():
+  from experiments import plan as plan_binary  # pylint: disable=g-import-not-at-top
+  from experiments.configs import yoco_deep_1p3b, yocou_1p3b  # pylint: disable=g-import-not-at-top
+  config = yocou_1p3b.get_config()
+  plans = plan_binary.build_plans(config, ["transformer", "rins", "looped:2", "parscale:2",
+                                           "yocou", "parscale"], [8192])
+  flops = {item: p["train_flops_per_token"] for item, p in plans.items()}
+  # 10 layers x 3 + 10 and 20 layers x 2: the same 40 layer applications of the same shapes.
+  assert flops["looped:2"] == flops["rins"]
+  assert flops["parscale:2"] == flops["parscale"]  # The config's P is already 2.
+  for item in ("rins", "looped:2", "parscale:2"):
+    assert 1.8 < flops[item] / flops["transformer"] < 2.0, item
+  with pytest.raises(ConfigError, match="'transformer:2' is invalid: ARCH:K takes a positive K"):
+    plan_binary.build_plans(config, ["transformer:2"], [8192])
+  deep = ModelConfig.from_config(yoco_deep_1p3b.get_config().model)
+  assert (deep.arch, deep.num_layers, deep.d_model) == ("yoco", 40, 1792)
+  ratio = accounting.flops_per_token(deep, 8192)["train"] / flops["yocou"]
+  assert ratio == pytest.approx(10.987 / 13.314, abs=1e-3)  # The figures its docstring quotes.

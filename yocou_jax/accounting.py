@@ -346,6 +346,9 @@ def format_table(plans: Mapping[str, Mapping[str, Any]]) -> str:
                                            if part in p["params_by_part"] else "-"))
   seq, batch = first["seq_len"], first["batch_size"]
   row(f"train FLOPs/token (N={seq})", lambda p: _si(p["train_flops_per_token"], "FLOP"))
+  if len(archs) > 1:
+    base = first["train_flops_per_token"]
+    row(f"  x {archs[0]}", lambda p: f"{p['train_flops_per_token'] / base:.2f}x")
   row(f"train FLOPs/step (B={batch})", lambda p: _si(p["train_flops_per_step"], "FLOP"))
   for context in first["kv_cache_bytes"]:
     row(f"KV cache @ {context}", lambda p, c=context: _binary_bytes(p["kv_cache_bytes"][c]))

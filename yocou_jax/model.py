@@ -21,7 +21,8 @@ The archs (L = num_layers, T = num_iterations, W = window)::
                       -> cross-decoder: L/2 layers attending to K,V -> norm -> head
   yocou         yoco with the whole self-decoder applied T times (the Universal Self-Decoder);
                 the global K,V are computed once, from the last iteration's output.
-  yoco_upper_loop       yoco with the cross-decoder applied T times over the one global K,V.
+  yoco_upper_loop       yoco with the cross-decoder applied T times over the one global K,V
+                        (:class:`UpperLoop`, the same shared-weight scan as LoopedStack).
   yoco_upper_loop_nokv  the same, each iteration making its own K,V from its input.
   parscale      P copies of the transformer (P x B rows, a learned K/V prefix per stream and
                 layer), final norm, learned weighted sum of the streams -> head
@@ -293,6 +294,43 @@ class CrossDecoder(nn.Module):
     return x_BxNxD
 
 
+class UpperLoop(nn.Module):
+  """The cross-decoder applied T times with one set of weights (Table 5's upper loop).
+
+  yoco_upper_loop: every iteration reads the one global K/V made from the self-decoder's
+  output. yoco_upper_loop_nokv: each iteration makes its own K/V from its own input with the
+  shared GlobalKV (norm, W_K, W_V), so iteration 1 reads yoco's K/V and iteration t the K/V of
+  the (t-1)-th cross-decoder output; inference keeps one global cache per iteration.
+
+  The model's own ``global_kv`` and ``cross_decoder`` are passed in (shared modules), so their
+  parameters sit where yoco has them; this module holds none. (A scan over the Model itself
+  would also lift every intermediate the self-decoder has already sown into the loop.)
+  """
+
+  cfg: ModelConfig
+  global_kv: GlobalKV
+  cross_decoder: CrossDecoder
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array, segment_ids_BxN: Array, positions_BxN: Array) -> Array:
+    def shared_kv(loop, x, k, v, segment_ids, positions):
+      return loop.cross_decoder(x, k, v, segment_ids, positions), None
+
+    def own_kv(loop, x, segment_ids, positions):
+      k, v = loop.global_kv(x, positions)
+      return loop.cross_decoder(x, k, v, segment_ids, positions), None
+
+    t = self.cfg.num_iterations
+    if self.cfg.arch == "yoco_upper_loop_nokv":
+      x_BxNxD, _ = shared_loop(own_kv, self.cfg, t, 2)(self, x_BxNxD, segment_ids_BxN,
+                                                        positions_BxN)
+    else:
+      kv = self.global_kv(x_BxNxD, positions_BxN)
+      x_BxNxD, _ = shared_loop(shared_kv, self.cfg, t, 4)(self, x_BxNxD, *kv, segment_ids_BxN,
+                                                           positions_BxN)
+    return x_BxNxD
+
+
 class Model(nn.Module):
   """One model of the family, chosen by ``cfg.arch``. ``__call__`` returns float32 logits."""
 
@@ -307,6 +345,8 @@ class Model(nn.Module):
                                       looped=cfg.arch == "yocou")
       self.global_kv = GlobalKV(cfg)
       self.cross_decoder = CrossDecoder(cfg, cfg.num_cross_layers)
+      if cfg.is_upper_loop:
+        self.upper_loop = UpperLoop(cfg, self.global_kv, self.cross_decoder)
     elif cfg.arch in ("transformer", "parscale"):
       self.decoder = LoopedStack(cfg, cfg.num_layers, None)
     elif cfg.arch == "looped":
@@ -349,31 +389,6 @@ class Model(nn.Module):
         x_BxNxD = self.decoder(x_BxNxD, segment_ids_BxN, positions_BxN)
     if self.cfg.arch == "parscale":  # Normed per stream, then aggregated.
       x_BxNxD = self.aggregate_streams(x_BxNxD)
-    return x_BxNxD
-
-  def upper_loop(self, x_BxNxD: Array, segment_ids_BxN: Array, positions_BxN: Array) -> Array:
-    """The cross-decoder applied T times with its one set of weights (Table 5's upper loop).
-
-    yoco_upper_loop: every iteration reads the one global K/V made from the self-decoder's
-    output. yoco_upper_loop_nokv: each iteration makes its own K/V from its own input with the
-    shared GlobalKV (norm, W_K, W_V), so iteration 1 reads yoco's K/V and iteration t the
-    K/V of the (t-1)-th cross-decoder output; inference keeps one global cache per iteration.
-    """
-    def shared_kv(model, x, k, v, segment_ids, positions):
-      return model.cross_decoder(x, k, v, segment_ids, positions), None
-
-    def own_kv(model, x, segment_ids, positions):
-      k, v = model.global_kv(x, positions)
-      return model.cross_decoder(x, k, v, segment_ids, positions), None
-
-    t = self.cfg.num_iterations
-    if self.cfg.arch == "yoco_upper_loop_nokv":
-      x_BxNxD, _ = shared_loop(own_kv, self.cfg, t, 2)(self, x_BxNxD, segment_ids_BxN,
-                                                        positions_BxN)
-    else:
-      kv = self.global_kv(x_BxNxD, positions_BxN)
-      x_BxNxD, _ = shared_loop(shared_kv, self.cfg, t, 4)(self, x_BxNxD, *kv, segment_ids_BxN,
-                                                           positions_BxN)
     return x_BxNxD
 
   def aggregate_streams(self, x_PBxNxD: Array) -> Array:

@@ -79,7 +79,8 @@ def residual_states(model_cfg: ModelConfig, params: Any,
   inter = state[INTERMEDIATES]
   states = [("embedding", "embedding",
              model.apply({"params": params}, batch["tokens"], method=Model.embed))]
-  looped_parts = {"yocou": "self_decoder", "rins": "recursive", "looped": "decoder"}
+  looped_parts = {"yocou": "self_decoder", "rins": "recursive", "looped": "decoder",
+                  "yoco_upper_loop": "cross_decoder", "yoco_upper_loop_nokv": "cross_decoder"}
   order = (("self_decoder", ("self_decoder", "stack", "layers")),
            ("recursive", ("recursive", "stack", "layers")),
            ("decoder", ("decoder", "stack", "layers")),
