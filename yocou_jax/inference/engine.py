@@ -65,7 +65,7 @@ class Options:
 
   chunk_size: int = 512  # Prefill tokens per chunk (per sequence): bounds prefill memory.
   kv_block: int = 512  # Keys per block of cached full/global attention for a prefill chunk.
-  decode_kv_block: int = 2048  # The same for one decode token (few query rows, bigger blocks).
+  decode_kv_block: int = 2048  # The same in the decode kernel (XLA decode reads in one pass).
   window_block: int = 128  # Query sub-block of sliding-window attention over a chunk.
 
   def kv_block_for(self, num_queries: int) -> int:
@@ -128,9 +128,19 @@ def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, rings: list, 
 
 
 def _write(buffer_BxKxSxD: Array, positions_BxC: Array, x_BxCxKxD: Array) -> Array:
-  """buffer[b, :, positions[b, i]] = x[b, i]; positions past the buffer are dropped."""
-  b_Bx1 = jnp.arange(x_BxCxKxD.shape[0])[:, None]
-  return buffer_BxKxSxD.at[b_Bx1, :, positions_BxC].set(x_BxCxKxD, mode="drop")
+  """buffer[b, :, positions[b, i]] = x[b, i]; positions past the buffer are dropped.
+
+  The scatter runs on the [B*K, S, D] view of the buffer, one row per (sequence, kv head). On
+  the [B, K, S, D] array XLA turns a batch-1 scatter into a dynamic-update-slice that it then
+  duplicates, with copies of the whole buffer, for a matmul reading it (measured: 4 copies of
+  the cache per decode step); the row view is updated in place at every batch size.
+  """
+  b, k, s, d = buffer_BxKxSxD.shape
+  rows_Nx1 = jnp.arange(b * k)[:, None]
+  positions_NxC = jnp.repeat(positions_BxC, k, axis=0)
+  x_NxCxD = jnp.swapaxes(x_BxCxKxD, 1, 2).reshape(b * k, -1, d)
+  buffer_NxSxD = buffer_BxKxSxD.reshape(b * k, s, d)
+  return buffer_NxSxD.at[rows_Nx1, positions_NxC].set(x_NxCxD, mode="drop").reshape(b, k, s, d)
 
 
 def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, buffers: list, lengths_B: Array,
