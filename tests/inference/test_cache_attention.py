@@ -46,15 +46,17 @@ def _buffer_copies(hlo: str, shape: tuple[int, ...]) -> list[str]:
   return [line.strip() for line in hlo.splitlines() if pattern.search(line)]
 
 
-@pytest.mark.parametrize("arch,batch", [("transformer", 1), ("transformer", 3), ("yocou", 1)])
+@pytest.mark.parametrize("arch,batch", [("transformer", 1), ("transformer", 3), ("yocou", 1),
+                                        ("yocou", 3)])
 def test_decode_step_updates_the_cache_in_place(arch, batch):
   """The donated cache is written where it lies: the compiled step copies no full buffer."""
   cfg = ModelConfig(arch=arch, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                    head_dim=8, d_ff=64, vocab_size=64, window=8, num_iterations=2)
+                    head_dim=8, d_ff=64, vocab_size=64, window=12, num_iterations=2)
   max_len = 96
   params = accounting.abstract_params(cfg)
   state = jax.eval_shape(lambda: engine_lib.init_state(cfg, batch, max_len))
   hlo = engine_lib._jit_decode_step.lower(  # pylint: disable=protected-access
       params, state, jax.ShapeDtypeStruct((batch,), jnp.int32), cfg=cfg,
       opts=engine_lib.Options()).compile().as_text()
-  assert not _buffer_copies(hlo, (batch, cfg.num_kv_heads, max_len, cfg.head_dim))
+  for length in {max_len, cfg.window}:  # Full/global buffers and window rings.
+    assert not _buffer_copies(hlo, (batch, cfg.num_kv_heads, length, cfg.head_dim))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from yocou_jax import attention as attention_lib
 from yocou_jax.config import ATTENTION_IMPLS
+from yocou_jax.inference import cache as cache_lib
 
 Array = jax.Array
 
@@ -173,14 +174,9 @@ def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxW
   After the write the ring holds exactly positions (n - W', n]: the window of the new token.
   """
   b, kv_heads, w = ring_k_BxKxWxD.shape[:3]
-  rows, slot_B = jnp.arange(b), lengths_B % w
-  write_Bx1x1 = (counts_B > 0)[:, None, None]
-
-  def put(ring, new):
-    old_BxKxD = ring[rows, :, slot_B]
-    return ring.at[rows, :, slot_B].set(jnp.where(write_Bx1x1, new[:, :, 0], old_BxKxD))
-
-  ring_k, ring_v = put(ring_k_BxKxWxD, k_BxKx1xD), put(ring_v_BxKxWxD, v_BxKx1xD)
+  slot_Bx1 = jnp.where(counts_B > 0, lengths_B % w, w)[:, None]  # Slot w: dropped, not written.
+  ring_k = cache_lib.write(ring_k_BxKxWxD, slot_Bx1, k_BxKx1xD)
+  ring_v = cache_lib.write(ring_v_BxKxWxD, slot_Bx1, v_BxKx1xD)
   if use_kernel:  # Slot s is visible when s <= min(n, W' - 1): the filled ones.
     from kernels import ops  # pylint: disable=g-import-not-at-top
     def attend(q, positions, k, v):

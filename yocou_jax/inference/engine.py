@@ -128,19 +128,7 @@ def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, rings: list, 
 
 
 def _write(buffer_BxKxSxD: Array, positions_BxC: Array, x_BxCxKxD: Array) -> Array:
-  """buffer[b, :, positions[b, i]] = x[b, i]; positions past the buffer are dropped.
-
-  The scatter runs on the [B*K, S, D] view of the buffer, one row per (sequence, kv head). On
-  the [B, K, S, D] array XLA turns a batch-1 scatter into a dynamic-update-slice that it then
-  duplicates, with copies of the whole buffer, for a matmul reading it (measured: 4 copies of
-  the cache per decode step); the row view is updated in place at every batch size.
-  """
-  b, k, s, d = buffer_BxKxSxD.shape
-  rows_Nx1 = jnp.arange(b * k)[:, None]
-  positions_NxC = jnp.repeat(positions_BxC, k, axis=0)
-  x_NxCxD = jnp.swapaxes(x_BxCxKxD, 1, 2).reshape(b * k, -1, d)
-  buffer_NxSxD = buffer_BxKxSxD.reshape(b * k, s, d)
-  return buffer_NxSxD.at[rows_Nx1, positions_NxC].set(x_NxCxD, mode="drop").reshape(b, k, s, d)
+  return cache_lib.write(buffer_BxKxSxD, positions_BxC, attn_lib.heads_first(x_BxCxKxD))
 
 
 def _full_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, buffers: list, lengths_B: Array,
