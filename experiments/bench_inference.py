@@ -51,11 +51,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import app, flags
 
-_ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou", "rins"], "Archs to run.")
+_ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou", "rins"], "Archs to run "
+                           "(the paper protocol runs all five unless this is given).")
 _CONTEXTS = flags.DEFINE_list("contexts", ["2048", "8192", "32768"], "Prompt lengths.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode steps per context.")
 _ROUNDS = flags.DEFINE_integer("decode_rounds", 4, "Decode steps are split in rounds, archs "
@@ -423,6 +424,30 @@ def cache_read_rate(cfg, batch: int, context: int, reps: int) -> dict[str, Any]:
   return row
 
 
+def cache_bytes_read_per_token(cfg, max_len: int) -> int:
+  """Cache bytes one decode token reads: every buffer once (decode reads whole buffers), YOCO's
+  global K/V once per cross layer."""
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+
+  total = accounting.kv_cache_bytes(cfg, max_len)
+  if cfg.is_decoder_decoder:
+    total += ((cfg.num_cross_layers - 1) * 2 * cfg.num_kv_heads * cfg.head_dim * max_len
+              * cfg.compute_dtype.itemsize)
+  return total
+
+
+def read_bound(archs, max_len: int) -> Optional[float]:
+  """transformer / yocou cache bytes read per decoded token: the equal-memory decode ratio of a
+  decode bound by reading the cache (prints how it follows)."""
+  if not {"transformer", "yocou"} <= set(archs):
+    return None
+  t, y = (cache_bytes_read_per_token(model_config(a), max_len) for a in ("transformer", "yocou"))
+  print(f"cache bytes read per decoded token at {max_len}: transformer {t / 2**20:.1f} MiB, "
+        f"yocou {y / 2**20:.1f} MiB, so a decode bound by reading the cache gives yocou / "
+        f"transformer tokens/s at equal cache memory of about {t / y:.2f}")
+  return t / y
+
+
 def serving_targets(equal_memory: dict[str, dict[str, Any]],
                     read_rows: list[dict[str, Any]]) -> list[tuple[str, float, str, bool]]:
   """The batched-decode targets: ``equal_memory[arch]`` has context, batch,
@@ -445,6 +470,13 @@ def serving_targets(equal_memory: dict[str, dict[str, Any]],
   return out
 
 
+def paper_archs() -> list[str]:
+  """--archs when given, else every arch of the config."""
+  from yocou_jax.config import ARCHS  # pylint: disable=g-import-not-at-top
+
+  return _ARCHS.value if _ARCHS.present else list(ARCHS)
+
+
 def paper_protocol(opts) -> list[dict[str, Any]]:
   """The serving protocol: per context and arch, a batch-1 prefill, then decode at the paper's
   batch and at the largest batch whose cache fits ``--cache_budget_mib`` (and batch 1),
@@ -458,10 +490,9 @@ def paper_protocol(opts) -> list[dict[str, Any]]:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
-  from yocou_jax.config import ARCHS  # pylint: disable=g-import-not-at-top
   from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
-  archs = _ARCHS.value if _ARCHS.present else list(ARCHS)
+  archs = paper_archs()
   budget, cap = _BUDGET.value * 2**20, int(_PAPER_MEMORY.value * 2**30)
   rows = []
   for context in (int(c) for c in _PAPER_CONTEXTS.value):
@@ -524,7 +555,7 @@ def add_ratios(rows) -> None:
 
 def paper_table(rows) -> str:
   def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+    return format("-", ">" + spec.split(".")[0]) if value is None else format(value, spec)
 
   lines = [f"{'arch':12s} {'context':>8s} {'batch':>5s} {'prefill s':>10s} {'x':>6s} "
            f"{'decode tok/s':>13s} {'x':>6s} {'cache GiB':>10s} {'x':>6s} {'eq batch':>8s} "
@@ -680,10 +711,12 @@ def paper_main(start: float) -> None:
         f"prefill at batch 1; equal memory: largest batch whose cache fits {_BUDGET.value} MiB "
         f"(<= {_BUDGET_MAX_BATCH.value}); x: ratio to the transformer (prefill speed-up, "
         "decode tokens/s, cache bytes saved)\n" + paper_table(rows))
+  bound = read_bound(paper_archs(), top + _PAPER_NEW.value)
   checks = paper_targets(rows) + serving_targets({}, reads)
   print_targets(checks)
   print(f"total {time.perf_counter() - start:.0f} s")
-  write_json({"protocol": "paper", "rows": rows, "cache_read": reads}, checks)
+  write_json({"protocol": "paper", "rows": rows, "cache_read": reads,
+              "equal_memory_read_bound": bound}, checks)
 
 
 def main(argv):
@@ -724,6 +757,7 @@ def main(argv):
   read_rows = read_rates(top, [1, *[r["batch"] for r in budget_rows
                                     if r["arch"] == "yocou" and r["batch"]]])
   equal_memory = {r["arch"]: r for r in budget_rows if r["batch"]}
+  bound = read_bound(_ARCHS.value, results[next(iter(results))][-1]["max_len"])
   checks = targets(results) + serving_targets(equal_memory, read_rows)
   print_targets(checks)
   print(f"total {time.perf_counter() - start:.0f} s")
@@ -732,8 +766,8 @@ def main(argv):
     plot(results, _PLOT_OUT.value)
     print(f"plot: {_PLOT_OUT.value}")
   write_json({"results": results, "equal_memory_decode": budget_rows,
-              "long_context_decode": long_rows, "decode_fit": fits, "cache_read": read_rows},
-             checks)
+              "long_context_decode": long_rows, "decode_fit": fits, "cache_read": read_rows,
+              "equal_memory_read_bound": bound}, checks)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,6 @@ def test_bench_inference_paper_protocol_rows_follow_from_measurements(tmp_path):
     assert read["bytes"] == 2 * read["batch"] * 256 * 32 * 4
   assert [r["batch"] for r in result["cache_read"]] == [1, y["batch_equal_memory"]]
   assert "PASS" in run.stdout or "MISS" in run.stdout
+  # Bytes read per decoded token at max_len 260: the transformer's 2 caches; yocou's global
+  # K/V once per cross layer (1) and its 3 rings.
+  assert result["equal_memory_read_bound"] == pytest.approx(2 * 260 / (260 + 3 * 64))
