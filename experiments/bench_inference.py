@@ -9,8 +9,8 @@ context N it prefills an N-token prompt in chunks (``--chunk_size``; full attent
 the causal prefix of its cache) and then decodes ``--decode_steps`` tokens greedily, in rounds
 interleaved across the archs; decode tokens/s is one over the median step time (both keep
 other processes on a shared machine from favouring one arch).
-Compilation is excluded: each arch compiles its chunk and decode steps once, for the largest
-context, before anything is timed.
+Compilation is excluded: each arch compiles its chunk and decode steps for each context's cache
+length (context + decode steps; decode reads the whole buffer) before anything is timed.
 Prints a table and the inference targets (prefill, cache bytes, decode ratios), writes a PNG of
 throughput against context.
 
@@ -189,7 +189,8 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
                    dict[str, list[dict[str, Any]]]]:
   """Per context: every arch's prefill, then decode rounds interleaved across the archs.
 
-  Interleaving puts every arch's decode steps under the same background load (this is a shared
+  Compilation is excluded: every arch compiles its chunk and decode steps for the context's
+  cache length before anything is timed. Interleaving puts every arch's decode steps under the same background load (this is a shared
   machine); decode tokens/s is one over the median step time over all rounds.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -202,15 +203,16 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
   contexts = [int(c) for c in _CONTEXTS.value]
   rounds = _ROUNDS.value
   steps = -(-_DECODE_STEPS.value // rounds)
-  max_len = max(contexts) + rounds * steps + 1
   models = {}
   for arch in _ARCHS.value:
     cfg = model_config(arch)
-    engine, params = engine_lib.Engine(cfg, opts), random_params(cfg)
-    warm_up(engine, params, max_len)
-    models[arch] = (cfg, engine, params)
+    models[arch] = (cfg, engine_lib.Engine(cfg, opts), random_params(cfg))
   results: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
+    # Each context gets a cache of its own length: decode reads the whole buffer.
+    max_len = context + rounds * steps + 1
+    for _, engine, params in models.values():
+      warm_up(engine, params, max_len)
     live = {}
     for arch, (cfg, engine, params) in models.items():
       seconds, logits, state = prefill(engine, params, context, max_len)
@@ -230,8 +232,8 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
             flush=True)
     del live
   budget_rows = []
-  if _BUDGET.value > 0:
-    budget_rows = budget_decode(models, max(contexts), max_len, _DECODE_STEPS.value)
+  if _BUDGET.value > 0:  # At the largest context, with its cache length.
+    budget_rows = budget_decode(models, context, max_len, _DECODE_STEPS.value)
   long_rows = {}
   if _LONG.value:
     long_rows = long_decode(models, [int(c) for c in _LONG.value], _DECODE_STEPS.value)
@@ -260,26 +262,23 @@ def random_state(cfg, batch: int, context: int, max_len: int):
 def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
   """Batch-1 decode tokens/s at long contexts, from random caches.
 
-  Each arch gets one random cache of the longest context (one compile) and every context only
-  moves its position. Steps are interleaved one at a time across the archs (a, b, c, a, b, c,
+  Each context gets random caches of its own length (decode reads the whole buffer, so a
+  server sizes it to what it serves; one compile per context). Steps are interleaved one at a time across the archs (a, b, c, a, b, c,
   ...): a step takes up to a second here, and a shared machine that slows down for a while then
   slows every arch's steps alike instead of one arch's whole round.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
 
-  max_len = max(contexts) + 2 + steps + 1
-  live = {}
-  for arch, (cfg, engine, params) in models.items():
-    state = random_state(cfg, 1, max(contexts), max_len)
-    logits = np.zeros((1, cfg.vocab_size), np.float32)
-    _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len.
   out: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
-    for arch, (logits, state) in live.items():
-      live[arch] = (logits, state.replace(lengths=jnp.full((1,), context, jnp.int32)))
+    max_len = context + 2 + steps + 1  # Decode reads the whole buffer: one per context.
+    live = {}
+    for arch, (cfg, engine, params) in models.items():
+      state = random_state(cfg, 1, context, max_len)
+      logits = np.zeros((1, cfg.vocab_size), np.float32)
+      _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len.
     step_s = interleaved_decode(models, live, steps, 1)
     for arch, (cfg, _, _) in models.items():
       row = {"context": context, "decode_step_s": step_s[arch],
