@@ -9,8 +9,8 @@ context N it prefills an N-token prompt in chunks (``--chunk_size``; full attent
 the causal prefix of its cache) and then decodes ``--decode_steps`` tokens greedily, in rounds
 interleaved across the archs; decode tokens/s is one over the median step time (both keep
 other processes on a shared machine from favouring one arch).
-Compilation is excluded: each arch compiles its chunk and decode steps once, for the largest
-context, before anything is timed.
+Compilation is excluded: each arch compiles its chunk and decode steps for each context's cache
+length (context + decode steps; decode reads the whole buffer) before anything is timed.
 Prints a table and the inference targets (prefill, cache bytes, decode ratios), writes a PNG of
 throughput against context.
 
@@ -25,8 +25,25 @@ decode alone from such random caches, and a least-squares fit ``step = fixed + p
 context`` per arch separates the context-independent work from the cache reads: the decode
 ratio of two archs tends to the ratio of their slopes as the context grows.
 
+Targets, each printed with its figure and PASS/MISS: yocou prefill at the largest context >= 5x
+faster than the transformer; yocou / transformer decode tokens/s at equal cache memory >= 2;
+yocou's per-sequence decode step at its equal-memory batch no longer than at batch 1; the XLA
+decode attention over one full cache buffer at the largest context (batch 1 and that batch)
+>= 50% of the rate of a plain reduction over the same bytes, timed alternately in the same run
+(the streaming-read limit).
+
 The defaults take about 30 minutes on two shared CPU cores, almost all of it the quadratic 32K
 prefills of transformer (~10 min) and rins (~13 min); ``--archs`` and ``--contexts`` shorten it.
+
+``--protocol=paper`` is the serving protocol instead: for every arch (all five unless
+``--archs``) and ``--paper_contexts`` (8K, 16K, 32K), a batch-1 prefill (up to
+``--paper_prefill_max_context``), then decode at batch ``--paper_batch`` (32; the largest batch
+whose caches fit ``--paper_memory_gib`` where 32 do not, stated in the row) and at the largest
+batch whose cache fits ``--cache_budget_mib`` (the equal-memory throughput), from random caches
+of context + ``--paper_new_tokens`` (128) tokens. Rows give prefill seconds, decode tokens/s
+over the batch, the batch's cache bytes, and the ratios to the transformer. Its cost is the
+prefills (transformer ~10 min, rins ~13 min and looped longer at 32K on two cores) plus a
+minute or two of decoding per arch and context.
 """
 
 from __future__ import annotations
@@ -34,11 +51,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import app, flags
 
-_ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou", "rins"], "Archs to run.")
+_ARCHS = flags.DEFINE_list("archs", ["transformer", "yoco", "yocou", "rins"], "Archs to run "
+                           "(the paper protocol runs all five unless this is given).")
 _CONTEXTS = flags.DEFINE_list("contexts", ["2048", "8192", "32768"], "Prompt lengths.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Timed decode steps per context.")
 _ROUNDS = flags.DEFINE_integer("decode_rounds", 4, "Decode steps are split in rounds, archs "
@@ -62,6 +80,21 @@ _LONG = flags.DEFINE_list(
     "long_decode_contexts", ["65536", "131072", "262144"], "Batch-1 decode only (no prefill: "
     "caches filled with random K/V) at these longer contexts, to show how the decode ratio "
     "grows with the context; empty to skip.")
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol", "sweep", ["sweep", "paper"], "sweep: batch-1 prefill/decode against context, "
+    "equal-memory and long-context decode; paper: the serving protocol (batch --paper_batch, "
+    "--paper_new_tokens per sequence, --paper_contexts, every arch of --archs).")
+_PAPER_BATCH = flags.DEFINE_integer("paper_batch", 32, "paper: decode batch.")
+_PAPER_NEW = flags.DEFINE_integer("paper_new_tokens", 128, "paper: new tokens per sequence (the "
+                                  "cache holds context + this many).")
+_PAPER_CONTEXTS = flags.DEFINE_list("paper_contexts", ["8192", "16384", "32768"],
+                                    "paper: contexts (64K-256K too where memory allows).")
+_PAPER_MEMORY = flags.DEFINE_float(
+    "paper_memory_gib", 8.0, "paper: cap on one decode batch's cache; an arch whose batch of "
+    "--paper_batch does not fit decodes the largest batch that does (stated in its row).")
+_PAPER_PREFILL_MAX = flags.DEFINE_integer(
+    "paper_prefill_max_context", 32768, "paper: prefill (batch 1, timed) only up to this "
+    "context; decode runs from random caches at every context.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "runs/bench_inference.png", "Throughput plot (PNG).")
 
@@ -156,7 +189,8 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
                    dict[str, list[dict[str, Any]]]]:
   """Per context: every arch's prefill, then decode rounds interleaved across the archs.
 
-  Interleaving puts every arch's decode steps under the same background load (this is a shared
+  Compilation is excluded: every arch compiles its chunk and decode steps for the context's
+  cache length before anything is timed. Interleaving puts every arch's decode steps under the same background load (this is a shared
   machine); decode tokens/s is one over the median step time over all rounds.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -169,15 +203,16 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
   contexts = [int(c) for c in _CONTEXTS.value]
   rounds = _ROUNDS.value
   steps = -(-_DECODE_STEPS.value // rounds)
-  max_len = max(contexts) + rounds * steps + 1
   models = {}
   for arch in _ARCHS.value:
     cfg = model_config(arch)
-    engine, params = engine_lib.Engine(cfg, opts), random_params(cfg)
-    warm_up(engine, params, max_len)
-    models[arch] = (cfg, engine, params)
+    models[arch] = (cfg, engine_lib.Engine(cfg, opts), random_params(cfg))
   results: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
+    # Each context gets a cache of its own length: decode reads the whole buffer.
+    max_len = context + rounds * steps + 1
+    for _, engine, params in models.values():
+      warm_up(engine, params, max_len)
     live = {}
     for arch, (cfg, engine, params) in models.items():
       seconds, logits, state = prefill(engine, params, context, max_len)
@@ -197,8 +232,8 @@ def run() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]],
             flush=True)
     del live
   budget_rows = []
-  if _BUDGET.value > 0:
-    budget_rows = budget_decode(models, max(contexts), max_len, _DECODE_STEPS.value)
+  if _BUDGET.value > 0:  # At the largest context, with its cache length.
+    budget_rows = budget_decode(models, context, max_len, _DECODE_STEPS.value)
   long_rows = {}
   if _LONG.value:
     long_rows = long_decode(models, [int(c) for c in _LONG.value], _DECODE_STEPS.value)
@@ -227,26 +262,23 @@ def random_state(cfg, batch: int, context: int, max_len: int):
 def long_decode(models, contexts: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
   """Batch-1 decode tokens/s at long contexts, from random caches.
 
-  Each arch gets one random cache of the longest context (one compile) and every context only
-  moves its position. Steps are interleaved one at a time across the archs (a, b, c, a, b, c,
+  Each context gets random caches of its own length (decode reads the whole buffer, so a
+  server sizes it to what it serves; one compile per context). Steps are interleaved one at a time across the archs (a, b, c, a, b, c,
   ...): a step takes up to a second here, and a shared machine that slows down for a while then
   slows every arch's steps alike instead of one arch's whole round.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
 
-  max_len = max(contexts) + 2 + steps + 1
-  live = {}
-  for arch, (cfg, engine, params) in models.items():
-    state = random_state(cfg, 1, max(contexts), max_len)
-    logits = np.zeros((1, cfg.vocab_size), np.float32)
-    _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len.
   out: dict[str, list[dict[str, Any]]] = {arch: [] for arch in models}
   for context in contexts:
-    for arch, (logits, state) in live.items():
-      live[arch] = (logits, state.replace(lengths=jnp.full((1,), context, jnp.int32)))
+    max_len = context + 2 + steps + 1  # Decode reads the whole buffer: one per context.
+    live = {}
+    for arch, (cfg, engine, params) in models.items():
+      state = random_state(cfg, 1, context, max_len)
+      logits = np.zeros((1, cfg.vocab_size), np.float32)
+      _, *live[arch] = decode_steps(engine, params, logits, state, 2)  # Compiles max_len.
     step_s = interleaved_decode(models, live, steps, 1)
     for arch, (cfg, _, _) in models.items():
       row = {"context": context, "decode_step_s": step_s[arch],
@@ -288,8 +320,39 @@ def decode_fit(rows_by_arch) -> dict[str, dict[str, float]]:
   return fits
 
 
+def decode_batches(engine, params, cfg, batches, context: int, max_len: int,
+                   steps: int) -> tuple[dict[int, list[float]], dict[int, int]]:
+  """Decode step times at each batch (random caches at position ``context``), interleaved,
+  and each batch's live cache bytes.
+
+  One step of every batch in turn, ``steps`` times, so a batch and batch 1 see the same load.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  live, cache_bytes = {}, {}
+  for batch in dict.fromkeys(batches):
+    state = random_state(cfg, batch, context, max_len)
+    cache_bytes[batch] = live_cache_bytes(cfg, state, max_len)
+    logits = np.zeros((batch, cfg.vocab_size), np.float32)
+    _, *live[batch] = decode_steps(engine, params, logits, state, 2)  # Compiles this batch.
+  step_s: dict[int, list[float]] = {batch: [] for batch in live}
+  for _ in range(steps):
+    for batch in live:
+      times, *live[batch] = decode_steps(engine, params, *live[batch], 1)
+      step_s[batch] += times
+  return step_s, cache_bytes
+
+
+def per_sequence_ratio(step_s: dict[int, list[float]], batch: int) -> float:
+  """Per-sequence step time at ``batch`` over the step time at batch 1 (medians)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  return float(np.median(step_s[batch])) / batch / float(np.median(step_s[1]))
+
+
 def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[str, Any]]:
-  """Decode tokens/s of each arch at the largest batch whose cache fits the memory budget."""
+  """Decode tokens/s of each arch at the largest batch whose cache fits the memory budget, and
+  its per-sequence step time against batch 1 (steps interleaved)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
@@ -298,36 +361,250 @@ def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[s
   rows = []
   for arch, (cfg, engine, params) in models.items():
     per_sequence = accounting.kv_cache_bytes(cfg, max_len)
-    batch = min(_BUDGET_MAX_BATCH.value, budget // per_sequence)
-    row = {"arch": arch, "context": context, "budget_bytes": budget, "batch": int(batch),
+    batch = int(min(_BUDGET_MAX_BATCH.value, budget // per_sequence))
+    row = {"arch": arch, "context": context, "budget_bytes": budget, "batch": batch,
            "cache_bytes_per_sequence": per_sequence}
     rows.append(row)
     if batch == 0:
       print(f"{arch:12s} budget: one sequence's cache ({per_sequence / 2**20:.0f} MiB) exceeds "
             f"--cache_budget_mib={_BUDGET.value}", flush=True)
       continue
-    state = random_state(cfg, int(batch), context, max_len)
-    row["cache_bytes"] = live_cache_bytes(cfg, state, max_len)
-    logits = np.zeros((batch, cfg.vocab_size), np.float32)
-    _, logits, state = decode_steps(engine, params, logits, state, 2)  # Compiles this batch.
-    times, _, _ = decode_steps(engine, params, logits, state, steps)
-    row["decode_step_s"] = times
-    row["decode_tokens_per_s"] = batch / float(np.median(times))
+    step_s, cache_bytes = decode_batches(engine, params, cfg, (batch, 1), context, max_len, steps)
+    row["cache_bytes"] = cache_bytes[batch]
+    row["decode_step_s"], row["batch1_decode_step_s"] = step_s[batch], step_s[1]
+    row["decode_tokens_per_s"] = batch / float(np.median(step_s[batch]))
+    row["per_sequence_step_ratio"] = per_sequence_ratio(step_s, batch)
     print(f"{arch:12s} budget: batch {batch:3d}, {row['cache_bytes'] / 2**20:8.1f} MiB, decode "
-          f"{row['decode_tokens_per_s']:8.1f} tokens/s", flush=True)
-    del state
+          f"{row['decode_tokens_per_s']:8.1f} tokens/s, per-sequence step / batch 1: "
+          f"{row['per_sequence_step_ratio']:.2f}", flush=True)
   return rows
+
+
+def cache_read_rate(cfg, batch: int, context: int, reps: int) -> dict[str, Any]:
+  """The XLA decode attention over one full cache buffer against a plain reduction over it.
+
+  Both read the same ``[batch, kv heads, context, head dim]`` K and V arrays; the reduction
+  (a sum over the length axis) is this machine's streaming-read limit for those bytes. Calls
+  alternate (same load), medians compared.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax.inference import attention as attn_lib  # pylint: disable=g-import-not-at-top
+
+  shape = (batch, cfg.num_kv_heads, context, cfg.head_dim)
+  k, v = (jax.random.normal(key, shape, cfg.compute_dtype)
+          for key in jax.random.split(jax.random.key(5)))
+  q = jax.random.normal(jax.random.key(6), (batch, 1, cfg.num_heads, cfg.head_dim),
+                        cfg.compute_dtype)
+  positions = jnp.full((batch, 1), context - 1, jnp.int32)
+  attend = jax.jit(functools.partial(attn_lib.xla_cache_attention, block_size=_DECODE_BLOCK.value))
+  reduce = jax.jit(lambda k, v: jnp.sum(k, axis=2) + jnp.sum(v, axis=2))
+  calls = {"attention": lambda: attend(q, positions, k, v), "reduction": lambda: reduce(k, v)}
+  step_s: dict[str, list[float]] = {name: [] for name in calls}
+  for call in calls.values():
+    jax.block_until_ready(call())  # Compiles.
+  for _ in range(reps):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      step_s[name].append(time.perf_counter() - start)
+  row = {"batch": batch, "context": context, "bytes": 2 * k.nbytes}
+  for name, times in step_s.items():
+    row[f"{name}_s"] = float(np.median(times))
+    row[f"{name}_gb_per_s"] = row["bytes"] / row[f"{name}_s"] / 1e9
+  row["fraction"] = row["reduction_s"] / row["attention_s"]
+  print(f"cache read at {context}, batch {batch:3d}: attention {row['attention_gb_per_s']:6.2f} "
+        f"GB/s, plain reduction {row['reduction_gb_per_s']:6.2f} GB/s: "
+        f"{100 * row['fraction']:.0f}%", flush=True)
+  return row
+
+
+def cache_bytes_read_per_token(cfg, max_len: int) -> int:
+  """Cache bytes one decode token reads: every buffer once (decode reads whole buffers), YOCO's
+  global K/V once per cross layer."""
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+
+  total = accounting.kv_cache_bytes(cfg, max_len)
+  if cfg.is_decoder_decoder:
+    total += ((cfg.num_cross_layers - 1) * 2 * cfg.num_kv_heads * cfg.head_dim * max_len
+              * cfg.compute_dtype.itemsize)
+  return total
+
+
+def read_bound(archs, max_len: int) -> Optional[float]:
+  """transformer / yocou cache bytes read per decoded token: the equal-memory decode ratio of a
+  decode bound by reading the cache (prints how it follows)."""
+  if not {"transformer", "yocou"} <= set(archs):
+    return None
+  t, y = (cache_bytes_read_per_token(model_config(a), max_len) for a in ("transformer", "yocou"))
+  print(f"cache bytes read per decoded token at {max_len}: transformer {t / 2**20:.1f} MiB, "
+        f"yocou {y / 2**20:.1f} MiB, so a decode bound by reading the cache gives yocou / "
+        f"transformer tokens/s at equal cache memory of about {t / y:.2f}")
+  return t / y
+
+
+def serving_targets(equal_memory: dict[str, dict[str, Any]],
+                    read_rows: list[dict[str, Any]]) -> list[tuple[str, float, str, bool]]:
+  """The batched-decode targets: ``equal_memory[arch]`` has context, batch,
+  decode_tokens_per_s (at that batch) and per_sequence_step_ratio; ``read_rows`` come from
+  :func:`cache_read_rate`."""
+  out = []
+  if {"transformer", "yocou"} <= set(equal_memory):
+    y, t = equal_memory["yocou"], equal_memory["transformer"]
+    ratio = y["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+    out.append((f"yocou / transformer decode tokens/s at equal cache memory at {y['context']} "
+                f"(batches {y['batch']} / {t['batch']})", ratio, ">= 2", ratio >= 2.0))
+  if "yocou" in equal_memory:
+    y = equal_memory["yocou"]
+    out.append((f"yocou per-sequence decode step, batch {y['batch']} / batch 1, at "
+                f"{y['context']}", y["per_sequence_step_ratio"], "<= 1",
+                y["per_sequence_step_ratio"] <= 1.0))
+  for r in read_rows:
+    out.append((f"XLA cache attention / streaming read at {r['context']}, batch {r['batch']}",
+                r["fraction"], ">= 0.5", r["fraction"] >= 0.5))
+  return out
+
+
+def paper_archs() -> list[str]:
+  """--archs when given, else every arch of the config."""
+  from yocou_jax.config import ARCHS  # pylint: disable=g-import-not-at-top
+
+  return _ARCHS.value if _ARCHS.present else list(ARCHS)
+
+
+def paper_protocol(opts) -> list[dict[str, Any]]:
+  """The serving protocol: per context and arch, a batch-1 prefill, then decode at the paper's
+  batch and at the largest batch whose cache fits ``--cache_budget_mib`` (and batch 1),
+  interleaved, from random caches at the context's position.
+
+  The cache holds context + ``--paper_new_tokens`` tokens per sequence; a few of those steps
+  are timed (``--decode_steps``), and the batch's time for all its new tokens is that many
+  median steps. An arch whose ``--paper_batch`` caches exceed ``--paper_memory_gib`` decodes
+  the largest batch that fits instead (its row says which).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+  archs = paper_archs()
+  budget, cap = _BUDGET.value * 2**20, int(_PAPER_MEMORY.value * 2**30)
+  rows = []
+  for context in (int(c) for c in _PAPER_CONTEXTS.value):
+    max_len = context + _PAPER_NEW.value
+    for arch in archs:
+      cfg = model_config(arch)
+      engine, params = engine_lib.Engine(cfg, opts), random_params(cfg)
+      per_sequence = accounting.kv_cache_bytes(cfg, max_len)
+      batch = int(min(_PAPER_BATCH.value, cap // per_sequence))
+      equal = int(min(_BUDGET_MAX_BATCH.value, budget // per_sequence))
+      row = {"arch": arch, "context": context, "batch": batch, "max_len": max_len,
+             "new_tokens": _PAPER_NEW.value, "cache_bytes_per_sequence": per_sequence,
+             "prefill_s": None, "prefill_batch": 1, "batch_equal_memory": equal,
+             "budget_bytes": budget}
+      rows.append(row)
+      if batch == 0:
+        print(f"{arch:12s} {context:7d}: one sequence's cache ({per_sequence / 2**30:.1f} GiB) "
+              f"exceeds --paper_memory_gib={_PAPER_MEMORY.value}", flush=True)
+        continue
+      if context <= _PAPER_PREFILL_MAX.value:
+        warm_up(engine, params, max_len)
+        row["prefill_s"], _, _ = prefill(engine, params, context, max_len)
+      batches = [b for b in (batch, equal, 1) if b]
+      step_s, cache_bytes = decode_batches(engine, params, cfg, batches, context, max_len,
+                                           _DECODE_STEPS.value)
+      median = {b: float(np.median(t)) for b, t in step_s.items()}
+      row.update(decode_step_s=step_s[batch], decode_tokens_per_s=batch / median[batch],
+                 decode_s_new_tokens=_PAPER_NEW.value * median[batch],
+                 cache_bytes=cache_bytes[batch], batch1_decode_step_s=step_s[1])
+      if equal:
+        row.update(decode_step_s_equal_memory=step_s[equal],
+                   decode_tokens_per_s_equal_memory=equal / median[equal],
+                   cache_bytes_equal_memory=cache_bytes[equal],
+                   per_sequence_step_ratio_equal_memory=per_sequence_ratio(step_s, equal))
+      prefill_s = "-" if row["prefill_s"] is None else f"{row['prefill_s']:.2f} s"
+      print(f"{arch:12s} {context:7d}: prefill {prefill_s}, batch {batch}: decode "
+            f"{row['decode_tokens_per_s']:.1f} tokens/s, cache {cache_bytes[batch] / 2**30:.2f} "
+            f"GiB; equal memory batch {equal}: "
+            f"{row.get('decode_tokens_per_s_equal_memory', 0):.1f} tokens/s", flush=True)
+      del engine, params
+  add_ratios(rows)
+  return rows
+
+
+def add_ratios(rows) -> None:
+  """Each row's ratios to the transformer row of its context (prefill time, decode tokens/s,
+  cache bytes per sequence, equal-memory decode tokens/s), where both were measured."""
+  base = {r["context"]: r for r in rows if r["arch"] == "transformer"}
+  for r in rows:
+    t = base.get(r["context"])
+    if t is None:
+      continue
+    r["cache_ratio_vs_transformer"] = t["cache_bytes_per_sequence"] / r["cache_bytes_per_sequence"]
+    if r.get("prefill_s") and t.get("prefill_s"):
+      r["prefill_speedup_vs_transformer"] = t["prefill_s"] / r["prefill_s"]
+    for key in ("decode_tokens_per_s", "decode_tokens_per_s_equal_memory"):
+      if key in r and key in t:
+        r[f"{key}_vs_transformer"] = r[key] / t[key]
+
+
+def paper_table(rows) -> str:
+  def fmt(value, spec):
+    return format("-", ">" + spec.split(".")[0]) if value is None else format(value, spec)
+
+  lines = [f"{'arch':12s} {'context':>8s} {'batch':>5s} {'prefill s':>10s} {'x':>6s} "
+           f"{'decode tok/s':>13s} {'x':>6s} {'cache GiB':>10s} {'x':>6s} {'eq batch':>8s} "
+           f"{'eq tok/s':>10s} {'x':>6s}"]
+  for r in rows:
+    lines.append(
+        f"{r['arch']:12s} {r['context']:8d} {r['batch']:5d} {fmt(r['prefill_s'], '10.2f')} "
+        f"{fmt(r.get('prefill_speedup_vs_transformer'), '6.2f')} "
+        f"{fmt(r.get('decode_tokens_per_s'), '13.1f')} "
+        f"{fmt(r.get('decode_tokens_per_s_vs_transformer'), '6.2f')} "
+        f"{fmt(r.get('cache_bytes', 0) / 2**30, '10.3f')} "
+        f"{fmt(r.get('cache_ratio_vs_transformer'), '6.2f')} {r['batch_equal_memory']:8d} "
+        f"{fmt(r.get('decode_tokens_per_s_equal_memory'), '10.1f')} "
+        f"{fmt(r.get('decode_tokens_per_s_equal_memory_vs_transformer'), '6.2f')}")
+  return "\n".join(lines)
+
+
+def paper_targets(rows) -> list[tuple[str, float, str, bool]]:
+  """Prefill at the largest context where both were timed; the batched-decode targets at the
+  largest context (see :func:`serving_targets`)."""
+  by = {(r["arch"], r["context"]): r for r in rows if "decode_tokens_per_s" in r}
+  out = []
+  timed = [c for (a, c), r in by.items() if a == "yocou" and r["prefill_s"]
+           and by.get(("transformer", c), {}).get("prefill_s")]
+  if timed:
+    c = max(timed)
+    ratio = by[("transformer", c)]["prefill_s"] / by[("yocou", c)]["prefill_s"]
+    out.append((f"transformer / yocou prefill time at {c}", ratio, ">= 5", ratio >= 5.0))
+  equal_memory = {}
+  for arch in ("transformer", "yocou"):
+    mine = [c for (a, c), r in by.items() if a == arch and "decode_tokens_per_s_equal_memory" in r]
+    if mine:
+      r = by[(arch, max(mine))]
+      equal_memory[arch] = {"context": r["context"], "batch": r["batch_equal_memory"],
+                            "decode_tokens_per_s": r["decode_tokens_per_s_equal_memory"],
+                            "per_sequence_step_ratio": r["per_sequence_step_ratio_equal_memory"]}
+  if len({r["context"] for r in equal_memory.values()}) > 1:
+    equal_memory.pop("transformer")  # Not the same context: no ratio.
+  return out + serving_targets(equal_memory, [])
 
 
 def budget_table(rows) -> str:
   lines = [f"{'arch':12s} {'context':>8s} {'batch':>6s} {'cache MiB':>10s} {'step ms':>9s} "
-           f"{'decode tok/s':>13s}"]
+           f"{'decode tok/s':>13s} {'per-seq step / batch 1':>23s}"]
   for r in rows:
     if r["batch"]:
       lines.append(f"{r['arch']:12s} {r['context']:8d} {r['batch']:6d} "
                    f"{r['cache_bytes'] / 2**20:10.1f} "
                    f"{1e3 * r['batch'] / r['decode_tokens_per_s']:9.1f} "
-                   f"{r['decode_tokens_per_s']:13.1f}")
+                   f"{r['decode_tokens_per_s']:13.1f} {r['per_sequence_step_ratio']:23.2f}")
   return "\n".join(lines)
 
 
@@ -399,10 +676,55 @@ def plot(results, path: str) -> None:
   plt.close(fig)
 
 
+def read_rates(context: int, batches) -> list[dict[str, Any]]:
+  """:func:`cache_read_rate` of one full buffer at ``context`` for each batch."""
+  cfg = model_config(_ARCHS.value[0])  # Every arch's full buffers have the same shape.
+  return [cache_read_rate(cfg, b, context, _DECODE_STEPS.value) for b in dict.fromkeys(batches)]
+
+
+def print_targets(checks) -> None:
+  for name, value, threshold, met in checks:
+    print(f"target {name}: {value:.2f} ({threshold}) {'PASS' if met else 'MISS'}")
+
+
+def write_json(payload, checks) -> None:
+  if _JSON_OUT.value:
+    from yocou_jax import files  # pylint: disable=g-import-not-at-top
+
+    payload["targets"] = [dict(name=n, value=v, threshold=t, met=m) for n, v, t, m in checks]
+    with files.atomic_write(_JSON_OUT.value) as f:
+      json.dump(payload, f, indent=2)
+
+
+def paper_main(start: float) -> None:
+  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+  opts = engine_lib.Options(chunk_size=_CHUNK.value, kv_block=_KV_BLOCK.value,
+                            decode_kv_block=_DECODE_BLOCK.value, window_block=_WINDOW_BLOCK.value)
+  rows = paper_protocol(opts)
+  top = max(r["context"] for r in rows)
+  equal = [r["batch_equal_memory"] for r in rows if r["arch"] == "yocou" and r["context"] == top]
+  reads = read_rates(top, [1, *[b for b in equal if b]])
+  print(f"\nserving protocol: decode batch {_PAPER_BATCH.value} (less where the caches exceed "
+        f"{_PAPER_MEMORY.value} GiB: see batch), {_PAPER_NEW.value} new tokens per sequence, "
+        f"prefill at batch 1; equal memory: largest batch whose cache fits {_BUDGET.value} MiB "
+        f"(<= {_BUDGET_MAX_BATCH.value}); x: ratio to the transformer (prefill speed-up, "
+        "decode tokens/s, cache bytes saved)\n" + paper_table(rows))
+  bound = read_bound(paper_archs(), top + _PAPER_NEW.value)
+  checks = paper_targets(rows) + serving_targets({}, reads)
+  print_targets(checks)
+  print(f"total {time.perf_counter() - start:.0f} s")
+  write_json({"protocol": "paper", "rows": rows, "cache_read": reads,
+              "equal_memory_read_bound": bound}, checks)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
+  if _PROTOCOL.value == "paper":
+    paper_main(start)
+    return
   results, budget_rows, long_rows = run()
   print("\n" + table(results))
   fits = {}
@@ -425,25 +747,26 @@ def main(argv):
             f"{reads['transformer'] / reads['yocou']:.0f}x yocou's ({1e3 * y['fixed_s']:.1f} ms)")
   if budget_rows:
     print(f"\nequal-memory decode (cache budget {_BUDGET.value} MiB, batch <= "
-          f"{_BUDGET_MAX_BATCH.value}; no target):\n" + budget_table(budget_rows))
+          f"{_BUDGET_MAX_BATCH.value}):\n" + budget_table(budget_rows))
     by_arch = {r["arch"]: r for r in budget_rows if r["batch"]}
     if {"transformer", "yocou"} <= set(by_arch):
       print("yocou / transformer decode tokens/s at equal cache memory: "
             f"{by_arch['yocou']['decode_tokens_per_s'] / by_arch['transformer']['decode_tokens_per_s']:.2f}")
-  checks = targets(results)
-  for name, value, threshold, met in checks:
-    print(f"target {name}: {value:.2f} ({threshold}) {'MET' if met else 'MISSED'}")
+  top = max(int(c) for c in _CONTEXTS.value)
+  read_rows = read_rates(top, [1, *[r["batch"] for r in budget_rows
+                                    if r["arch"] == "yocou" and r["batch"]]])
+  equal_memory = {r["arch"]: r for r in budget_rows if r["batch"]}
+  bound = read_bound(_ARCHS.value, results[next(iter(results))][-1]["max_len"])
+  checks = targets(results) + serving_targets(equal_memory, read_rows)
+  print_targets(checks)
   print(f"total {time.perf_counter() - start:.0f} s")
   if _PLOT_OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_PLOT_OUT.value)), exist_ok=True)
     plot(results, _PLOT_OUT.value)
     print(f"plot: {_PLOT_OUT.value}")
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump({"results": results, "equal_memory_decode": budget_rows,
-                 "long_context_decode": long_rows, "decode_fit": fits,
-                 "targets": [dict(name=n, value=v, threshold=t, met=m) for n, v, t, m in checks]},
-                f, indent=2)
+  write_json({"results": results, "equal_memory_decode": budget_rows,
+              "long_context_decode": long_rows, "decode_fit": fits, "cache_read": read_rows,
+              "equal_memory_read_bound": bound}, checks)
 
 
 if __name__ == "__main__":

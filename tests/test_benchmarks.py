@@ -101,3 +101,51 @@ def test_bench_inference_figures_follow_from_measurements(tmp_path):
     r = budget[arch]
     assert r["batch"] == 4 * 2**20 // r["cache_bytes_per_sequence"]
     assert r["cache_bytes"] == r["batch"] * r["cache_bytes_per_sequence"] <= 4 * 2**20
+
+
+def test_bench_inference_paper_protocol_rows_follow_from_measurements(tmp_path):
+  path = tmp_path / "paper.json"
+  # A 0.45 MiB cap on a batch's caches: the transformer's 4 do not fit (3 do), yocou's do.
+  run = cpu_env.run_module(
+      "experiments.bench_inference", "--protocol=paper", "--archs=transformer,yocou",
+      "--paper_contexts=256", "--paper_new_tokens=4", "--paper_batch=4",
+      f"--paper_memory_gib={0.45 / 1024}", "--decode_steps=2", "--cache_budget_mib=1",
+      "--d_model=64", "--num_layers=2", "--num_heads=2", "--num_kv_heads=1", "--window=64",
+      "--chunk_size=128", "--kv_block=128", "--decode_kv_block=256", f"--json_out={path}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(path.read_text())
+  rows = {r["arch"]: r for r in result["rows"]}
+  # Closed forms per sequence (max_len 260): K and V of 1 kv head of 32 floats per token, the
+  # transformer per layer (2), yocou one global buffer plus T=3 rings of W=64.
+  per_token = 2 * 32 * 4
+  assert rows["transformer"]["cache_bytes_per_sequence"] == per_token * 2 * 260
+  assert rows["yocou"]["cache_bytes_per_sequence"] == per_token * (260 + 3 * 64)
+  for arch, r in rows.items():
+    assert r["batch"] == min(4, int(0.45 * 2**20) // r["cache_bytes_per_sequence"])
+    assert r["batch_equal_memory"] == 2**20 // r["cache_bytes_per_sequence"]
+    assert r["cache_bytes"] == r["batch"] * r["cache_bytes_per_sequence"]
+    assert r["prefill_s"] > 0 and r["prefill_batch"] == 1
+    assert r["decode_tokens_per_s"] == pytest.approx(
+        r["batch"] / float(np.median(r["decode_step_s"])))
+    assert r["decode_tokens_per_s_equal_memory"] == pytest.approx(
+        r["batch_equal_memory"] / float(np.median(r["decode_step_s_equal_memory"])))
+    assert r["decode_s_new_tokens"] == pytest.approx(
+        4 * float(np.median(r["decode_step_s"])))
+  assert (rows["transformer"]["batch"], rows["yocou"]["batch"]) == (3, 4)
+  y, t = rows["yocou"], rows["transformer"]
+  assert y["decode_tokens_per_s_equal_memory_vs_transformer"] == pytest.approx(
+      y["decode_tokens_per_s_equal_memory"] / t["decode_tokens_per_s_equal_memory"])
+  assert y["prefill_speedup_vs_transformer"] == pytest.approx(t["prefill_s"] / y["prefill_s"])
+  targets = {t["name"]: t for t in result["targets"]}
+  equal = targets[f"yocou / transformer decode tokens/s at equal cache memory at 256 "
+                  f"(batches {y['batch_equal_memory']} / {t['batch_equal_memory']})"]
+  assert equal["value"] == pytest.approx(y["decode_tokens_per_s_equal_memory_vs_transformer"])
+  assert equal["met"] == (equal["value"] >= 2)
+  for read in result["cache_read"]:
+    assert read["fraction"] == pytest.approx(read["reduction_s"] / read["attention_s"])
+    assert read["bytes"] == 2 * read["batch"] * 256 * 32 * 4
+  assert [r["batch"] for r in result["cache_read"]] == [1, y["batch_equal_memory"]]
+  assert "PASS" in run.stdout or "MISS" in run.stdout
+  # Bytes read per decoded token at max_len 260: the transformer's 2 caches; yocou's global
+  # K/V once per cross layer (1) and its 3 rings.
+  assert result["equal_memory_read_bound"] == pytest.approx(2 * 260 / (260 + 3 * 64))

@@ -7,7 +7,8 @@ Two kinds, matching the two cache kinds of :mod:`yocou_jax.inference.cache`:
   the token into its slot and attends to the ring alone.
 * :func:`cache_attention`: causal attention to a full buffer (a Transformer layer's cache or
   YOCO's global K/V), as an online softmax over key blocks that stops at the furthest query
-  position, so a chunk at offset n reads n + C keys, not the whole buffer.
+  position, so a chunk at offset n reads n + C keys, not the whole buffer; one decode token
+  reads the whole buffer in a single keys-major pass (the fastest read of it in XLA).
 
 Shapes: B batch, C query tokens, H query heads, K kv heads, G = H // K, D head dim, W' ring length,
 S buffer length, M = G * C query rows of one kv head. Caches are ``[B, K, S, D]``. ``lengths_B``
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 
 from yocou_jax import attention as attention_lib
 from yocou_jax.config import ATTENTION_IMPLS
+from yocou_jax.inference import cache as cache_lib
 
 Array = jax.Array
 
@@ -172,14 +174,9 @@ def _window_decode(q_Bx1xHxD, k_BxKx1xD, v_BxKx1xD, ring_k_BxKxWxD, ring_v_BxKxW
   After the write the ring holds exactly positions (n - W', n]: the window of the new token.
   """
   b, kv_heads, w = ring_k_BxKxWxD.shape[:3]
-  rows, slot_B = jnp.arange(b), lengths_B % w
-  write_Bx1x1 = (counts_B > 0)[:, None, None]
-
-  def put(ring, new):
-    old_BxKxD = ring[rows, :, slot_B]
-    return ring.at[rows, :, slot_B].set(jnp.where(write_Bx1x1, new[:, :, 0], old_BxKxD))
-
-  ring_k, ring_v = put(ring_k_BxKxWxD, k_BxKx1xD), put(ring_v_BxKxWxD, v_BxKx1xD)
+  slot_Bx1 = jnp.where(counts_B > 0, lengths_B % w, w)[:, None]  # Slot w: dropped, not written.
+  ring_k = cache_lib.write(ring_k_BxKxWxD, slot_Bx1, k_BxKx1xD)
+  ring_v = cache_lib.write(ring_v_BxKxWxD, slot_Bx1, v_BxKx1xD)
   if use_kernel:  # Slot s is visible when s <= min(n, W' - 1): the filled ones.
     from kernels import ops  # pylint: disable=g-import-not-at-top
     def attend(q, positions, k, v):
@@ -199,9 +196,12 @@ def xla_cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array
                         v_BxKxSxD: Array, *, block_size: int) -> Array:
   """Causal attention of queries at ``positions`` to a full buffer: key j visible when j <= p.
 
-  An online softmax over key blocks of ``block_size`` that runs only up to the largest query
-  position, so the unwritten tail of the buffer is never read.
+  A chunk (C > 1) runs an online softmax over key blocks of ``block_size`` that stops at the
+  largest query position, so the unwritten tail of the buffer is never read. One decode token
+  (C = 1) reads the buffer in a single pass (:func:`_decode_cache_attention`).
   """
+  if q_BxCxHxD.shape[1] == 1:
+    return _decode_cache_attention(q_BxCxHxD, positions_BxC, k_BxKxSxD, v_BxKxSxD)
   b, c, h, d = q_BxCxHxD.shape
   kv_heads, s = k_BxKxSxD.shape[1:3]
   # A block never spans the whole buffer: XLA then copies the buffer on every call (measured).
@@ -234,6 +234,34 @@ def xla_cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array
   _, l_sum, acc = jax.lax.fori_loop(0, (extent + bk - 1) // bk, body, init)
   out = acc / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
   return _unfold(out, c).astype(q_BxCxHxD.dtype)
+
+
+def _decode_cache_attention(q_Bx1xHxD: Array, positions_Bx1: Array, k_BxKxSxD: Array,
+                            v_BxKxSxD: Array) -> Array:
+  """One token per sequence against the whole buffer, keys-major: each K/V row is read once.
+
+  Decode is bound by reading the cache, so the two matmuls take the cache as their large
+  operand in its stored layout ([S, D] per (sequence, kv head)) and the G query rows as the
+  small one: scores ``[B, K, S, G]`` and ``p^T V`` contract over S without moving the cache.
+  The blocked loop of the chunk path copies every key block it slices (the matmul cannot read
+  a dynamic slice in place), and the copies grow with the batch: at 32K it read the cache at a
+  third to a sixth of this single pass's rate (batch 1 to 26, ``experiments.bench_inference``
+  measures both against a plain reduction over the same bytes). The price is that positions
+  past the longest sequence are read too, so the buffer should be sized to what is served.
+  """
+  d = q_Bx1xHxD.shape[-1]
+  kv_heads, s = k_BxKxSxD.shape[1:3]
+  acc_dtype = jnp.promote_types(q_Bx1xHxD.dtype, jnp.float32)
+  q_BxKxGxD = _fold(q_Bx1xHxD, kv_heads)
+  s_BxKxSxG = jnp.einsum("bksd,bkgd->bksg", k_BxKxSxD, q_BxKxGxD,
+                         preferred_element_type=acc_dtype) * d ** -0.5
+  visible_Bx1xSx1 = (jnp.arange(s)[None, :] <= positions_Bx1)[:, None, :, None]
+  s_BxKxSxG = jnp.where(visible_Bx1xSx1, s_BxKxSxG, -jnp.inf)
+  p_BxKxSxG = jnp.exp(s_BxKxSxG - jnp.max(s_BxKxSxG, axis=2, keepdims=True))  # Key 0 is visible.
+  out_BxKxGxD = jnp.einsum("bksd,bksg->bkgd", v_BxKxSxD, p_BxKxSxG.astype(v_BxKxSxD.dtype),
+                           preferred_element_type=acc_dtype)
+  out_BxKxGxD = out_BxKxGxD / jnp.sum(p_BxKxSxG, axis=2)[..., None]
+  return _unfold(out_BxKxGxD, 1).astype(q_Bx1xHxD.dtype)
 
 
 def cache_attention(q_BxCxHxD: Array, positions_BxC: Array, k_BxKxSxD: Array, v_BxKxSxD: Array,

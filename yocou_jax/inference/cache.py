@@ -77,6 +77,22 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
           for group, (count, length) in layout(cfg, max_len).items()}
 
 
+def write(buffer_BxKxSxD: Array, index_BxC: Array, x_BxKxCxD: Array) -> Array:
+  """buffer[b, :, index[b, i]] = x[b, :, i]; indices past the buffer are dropped (not written).
+
+  The scatter runs on the [B*K, S, D] view of the buffer, one row per (sequence, kv head). On
+  the [B, K, S, D] array XLA turns a batch-1 scatter into a dynamic-update-slice that it then
+  duplicates, with copies of the whole buffer, for a matmul reading it (measured: 4 copies of
+  the cache per decode step); the row view is updated in place at every batch size.
+  """
+  b, k, s, d = buffer_BxKxSxD.shape
+  rows_Nx1 = jnp.arange(b * k)[:, None]
+  index_NxC = jnp.repeat(index_BxC, k, axis=0)
+  x_NxCxD = x_BxKxCxD.reshape(b * k, -1, d)
+  buffer_NxSxD = buffer_BxKxSxD.reshape(b * k, s, d)
+  return buffer_NxSxD.at[rows_Nx1, index_NxC].set(x_NxCxD, mode="drop").reshape(b, k, s, d)
+
+
 def constrain(cache: Cache) -> Cache:
   """Pins the cache's sharding by logical names (a no-op outside a mesh/rules scope)."""
   return jax.tree.map(lambda x: nn.with_logical_constraint(x, AXES), cache)

@@ -67,7 +67,7 @@ class Options:
 
   chunk_size: int = 512  # Prefill tokens per chunk (per sequence): bounds prefill memory.
   kv_block: int = 512  # Keys per block of cached full/global attention for a prefill chunk.
-  decode_kv_block: int = 2048  # The same for one decode token (few query rows, bigger blocks).
+  decode_kv_block: int = 2048  # The same in the decode kernel (XLA decode reads in one pass).
   window_block: int = 128  # Query sub-block of sliding-window attention over a chunk.
 
   def kv_block_for(self, num_queries: int) -> int:
@@ -126,9 +126,7 @@ def _window_stack(cfg: ModelConfig, stack: Params, x_BxCxD: Array, rings: list, 
 
 
 def _write(buffer_BxKxSxD: Array, positions_BxC: Array, x_BxCxKxD: Array) -> Array:
-  """buffer[b, :, positions[b, i]] = x[b, i]; positions past the buffer are dropped."""
-  b_Bx1 = jnp.arange(x_BxCxKxD.shape[0])[:, None]
-  return buffer_BxKxSxD.at[b_Bx1, :, positions_BxC].set(x_BxCxKxD, mode="drop")
+  return cache_lib.write(buffer_BxKxSxD, positions_BxC, attn_lib.heads_first(x_BxCxKxD))
 
 
 def _with_prefix(prefix: Params, buffer: dict) -> dict:
