@@ -27,7 +27,6 @@ from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.layers import RMSNorm
-from yocou_jax.scaling import depth as depth_lib
 from yocou_jax.model import CrossDecoderLayer, DecoderLayer, GlobalKV, Model
 
 UPPER_LOOPS = ("yoco_upper_loop", "yoco_upper_loop_nokv")
@@ -125,12 +124,6 @@ def test_upper_loop_sows_per_iteration_and_layer_next_to_the_self_decoder(tiny_c
   assert float(stats["max_load"]) >= 1.0 and 0.0 < float(stats["load_balance"])
   cross = jax.tree.leaves(sown["cross_decoder"]["layers"]["mlp"])
   assert cross and all(leaf.shape[:2] == (3, 2) for leaf in cross)
-  tokens, seg, pos = single_documents()
-  labels = [label for label, _, _ in depth_lib.residual_states(
-      cfg.replace(ffn="dense"), random_params(cfg.replace(ffn="dense")),
-      {"tokens": tokens, "segment_ids": seg, "positions": pos})]
-  assert labels == ["embedding", "self_decoder L0", "self_decoder L1"] + [
-      f"cross_decoder T{t} L{l}" for t in (1, 2, 3) for l in (0, 1)]
 
 
 # --- ParScale ---------------------------------------------------------------------------------
@@ -233,9 +226,10 @@ def test_prefix_attention_matches_float64_softmax():
   q, keys, values = (rng.standard_normal(s) for s in ((b, n, h, d), (b, n, k, d), (b, n, k, d)))
   prefix = tuple(rng.standard_normal((b, m, k, d)) for _ in range(2))
   seg = np.array([[1] * 6 + [2] * 5, [1] * 11])
-  got = attention_lib.causal_attention(*(jnp.asarray(x, jnp.float32) for x in (q, keys, values)),
-                                       segment_ids=jnp.asarray(seg), block_size=4,
-                                       prefix=tuple(jnp.asarray(x, jnp.float32) for x in prefix))
+  attend = jax.jit(functools.partial(attention_lib.causal_attention, block_size=4))
+  got = attend(*(jnp.asarray(x, jnp.float32) for x in (q, keys, values)),
+               segment_ids=jnp.asarray(seg),
+               prefix=tuple(jnp.asarray(x, jnp.float32) for x in prefix))
   want = np.zeros((b, n, h, d))
   for bi in range(b):
     for i in range(n):
