@@ -318,10 +318,11 @@ def test_cached_inference_matches_forward_and_planned_cache_bytes(arch):
   assert np.abs(want).max() > 1.0
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   assert cache_lib.cache_bytes(state.cache) == accounting.kv_cache_bytes(cfg, max_len, 2)
-  # The scoring path (evaluation): logits at every position of a chunk, from an empty cache.
-  score = jax.jit(functools.partial(engine_lib.chunk_logits, cfg=cfg, opts=opts))
-  chunk, _ = score(params, engine_lib.init_state(cfg, 2, max_len), tokens[:, :8],
-                   np.array([8, 8], np.int32))
+  # The scoring path (evaluation): features at every position of a chunk, from an empty cache.
+  score = jax.jit(functools.partial(engine_lib.chunk_features, cfg=cfg, opts=opts))
+  features, _ = score(params, engine_lib.init_state(cfg, 2, max_len), tokens[:, :8],
+                      np.array([8, 8], np.int32))
+  chunk = Model(cfg).apply({"params": params}, features, method=Model.logits)
   np.testing.assert_allclose(np.asarray(chunk), ref_lib.reference_logits(cfg, params, tokens)[:, :8],
                              rtol=0, atol=1e-5)
   expected_global = {"yoco_upper_loop": 1, "yoco_upper_loop_nokv": 3}
