@@ -17,8 +17,11 @@ Memory on a v5p-8 (``python -m experiments.compile_for --config=experiments/conf
   4             full     fused (256 / chunk)  57.8 GiB     3.6 GiB  59.7    fits (63%)
   4             offload  fused (256 / chunk)  43.2 GiB     2.7 GiB  45.2    fits (48%)
 
-The default is 4 microbatches with full remat: ``offload`` keeps each layer's input in host
-memory (14.6 GiB less HBM) at the cost of moving them to the host and back every microbatch.
+The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
+transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
+rins 57.3 (3.6, 59.3): all fit. The default is 4 microbatches with full remat; ``offload``
+keeps each layer's input in host memory (14.6 GiB less HBM for yocou) at the cost of moving
+them to the host and back every microbatch.
 
 This is rung ``s4`` of ``ladder.py`` on TPU (full FSDP). Switch arch with ``--config.model.arch``;
 ``num_iterations`` is the T of every looped arch (the paper's looped Transformer loops twice:
