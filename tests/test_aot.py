@@ -73,8 +73,13 @@ def test_train_step_v5p_fsdp(tmp_path, unroll_loops):
 def test_train_flops_basis():
   """The loops-once basis: one layer per scan, remat=full counts the forward twice."""
   cfg = ModelConfig(arch="transformer", num_layers=4, d_model=128, num_heads=2, num_kv_heads=1,
-                    head_dim=64, d_ff=384, vocab_size=256)
+                    head_dim=64, d_ff=384, vocab_size=256, loss_chunk_size=-1)
   per_token = accounting.flops_per_token(cfg, 128)["by_part"]
+  # The fused loss: one chunk of positions, its logits recomputed in the backward pass.
+  for chunk, head_factor in ((0, 4), (32, 1)):
+    fused = aot.train_flops(cfg.replace(loss_chunk_size=chunk), 128, 8, 1)["analytic_loops_once"]
+    assert fused == pytest.approx(128 * 8 * (3 * per_token["decoder"] / 4
+                                             + head_factor * per_token["lm_head"]))
   once = aot.train_flops(cfg, 128, 8, 1)["analytic_loops_once"]
   assert once == pytest.approx(3 * 128 * 8 * (per_token["decoder"] / 4 + per_token["lm_head"]))
   remat = aot.train_flops(cfg.replace(remat="full"), 128, 8, 2)["analytic_loops_once"]

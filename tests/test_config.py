@@ -35,6 +35,8 @@ def test_every_arch_is_accepted(arch):
     ("unroll_loops", "yes", "yocou", {}),
     ("attention_impl", "flash", "yocou", {}),
     ("rope_theta", 0.0, "yocou", {}),
+    ("loss_chunk_size", -2, "yocou", {}),
+    ("loss_chunk_size", 2.5, "yocou", {}),
 ])
 def test_bad_value_is_rejected_naming_the_field(field, value, arch, extra):
   kwargs = {"arch": arch, **extra, field: value}

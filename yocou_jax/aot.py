@@ -42,6 +42,7 @@ from jax.experimental import topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from yocou_jax import accounting
+from yocou_jax import loss as loss_lib
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
@@ -269,8 +270,9 @@ def train_flops(cfg: ModelConfig, seq_len: int, batch_size: int, microbatches: i
   """{'analytic': 3 x forward, 'analytic_loops_once': the same counted as XLA counts loops}.
 
   On XLA's basis a scanned part counts one layer application, rematerialised layers count their
-  forward twice under ``remat=full`` (4x forward instead of 3x), gradient accumulation one
-  microbatch, and Pallas attention nothing (``attention_visible=False``: a Mosaic custom call
+  forward twice under ``remat=full`` (4x forward instead of 3x), the fused loss's output
+  projection one chunk of positions, 4x (its backward recomputes the logits), gradient
+  accumulation one microbatch, and Pallas attention nothing (``attention_visible=False``: a Mosaic custom call
   has no FLOPs in XLA's cost analysis).
   """
   tokens = seq_len * batch_size
@@ -281,7 +283,12 @@ def train_flops(cfg: ModelConfig, seq_len: int, batch_size: int, microbatches: i
     if not attention_visible:
       forward = 2.0 * part.active_matmul_params * part.applications
     trips = _trip_count(cfg, part)
-    factor = 4.0 if (trips > 1 and cfg.remat == "full") else 3.0
+    factor = 4.0 if (trips > 1 and cfg.remat in ("full", "offload")) else 3.0
+    is_head = part.name == "lm_head" or (part.name == "embedding" and cfg.tie_embeddings)
+    if is_head and cfg.loss_chunk_size >= 0:
+      # The fused loss: a scan over chunks of positions whose backward recomputes the logits.
+      chunk = min(cfg.loss_chunk_size or loss_lib.ACCELERATOR_CHUNK_SIZE, seq_len)
+      factor, trips = 4.0, -(-seq_len // chunk)
     once += factor * forward / trips
   return {"analytic": accounting.train_flops_per_step(cfg, seq_len, batch_size),
           "analytic_loops_once": once * tokens / microbatches}

@@ -8,6 +8,21 @@ heads), SwiGLU width 5632 (8/3 d rounded up to a multiple of 256) and a 100K voc
 YOCO's tiktoken cl100k, which gives 1.31B parameters for the transformer and 1.29B for
 yoco/yocou (``python -m experiments.plan --config=experiments/configs/yocou_1p3b.py``).
 
+Memory on a v5p-8 (``python -m experiments.compile_for --config=experiments/configs/yocou_1p3b.py
+--topology=v5p:2x2x2``; 512 rows of 8192 tokens a step, full FSDP over 8 chips, per chip):
+
+  microbatches  remat    loss                 temporaries  per row  total   of 95 GiB HBM
+  16            full     materialised logits  31.2 GiB     7.8 GiB  -       fits
+  4             full     materialised logits  93 GiB       5.8 GiB  -       does not fit
+  4             full     fused (256 / chunk)  57.8 GiB     3.6 GiB  59.7    fits (63%)
+  4             offload  fused (256 / chunk)  43.2 GiB     2.7 GiB  45.2    fits (48%)
+
+The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
+transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
+rins 57.3 (3.6, 59.3): all fit. The default is 4 microbatches with full remat; ``offload``
+keeps each layer's input in host memory (14.6 GiB less HBM for yocou) at the cost of moving
+them to the host and back every microbatch.
+
 This is rung ``s4`` of ``ladder.py`` on TPU (full FSDP). Switch arch with ``--config.model.arch``;
 ``num_iterations`` is the T of every looped arch (the paper's looped Transformer loops twice:
 ``--config.model.num_iterations=2``). For GPU hosts use ``ladder.py:yocou,s4,gpu``.
