@@ -15,8 +15,9 @@ sits between, about 10% under the total and 10% over the active figure:
 ``python -m experiments.plan --config=experiments/configs/yocou_moe_10b.py`` prints 9.1B total
 and 1.96B active (1.44B without the 0.51B embedding and head).
 
-Sharding. Both modes compile for v5p:4x4x4 (mesh data 1, fsdp 64, tensor 1; at 8 microbatches, 64 rows of 8192
-tokens a microbatch; the experts' grouped matmul is megablox, ``moe_matmul=auto`` on TPU)::
+Sharding. Both modes compile for v5p:4x4x4 (mesh data 1, fsdp 64, tensor 1; at 8 microbatches,
+64 rows of 8192 tokens a microbatch; the experts' grouped matmul is megablox, ``moe_matmul=auto``
+on TPU)::
 
   JAX_PLATFORMS=cpu python -m experiments.compile_for \\
       --config=experiments/configs/yocou_moe_10b.py --topology=v5p:4x4x4 \\
