@@ -258,13 +258,15 @@ def test_parscale_bad_fields_name_the_field(field, value, message):
 def test_aot_flops_basis_counts_loops_not_streams():
   # XLA counts a scan body once: ParScale's P streams are batch rows (all counted), the upper
   # loop's T iterations are a scan only when not unrolled (and so is nokv's global K/V).
-  cfg = ModelConfig(arch="parscale", num_layers=4, num_streams=3, prefix_length=2)
+  # Materialised logits (loss_chunk_size=-1): the fused loss's basis is tested in test_aot.
+  cfg = ModelConfig(arch="parscale", num_layers=4, num_streams=3, prefix_length=2,
+                    loss_chunk_size=-1)
   by_part = accounting.flops_per_token(cfg, 128)["by_part"]
   once = aot.train_flops(cfg, 128, 8, 1)["analytic_loops_once"]
   rest = sum(v for k, v in by_part.items() if k != "decoder")
   assert once == pytest.approx(3 * 128 * 8 * (by_part["decoder"] / 4 + rest))
   nokv = ModelConfig(arch="yoco_upper_loop_nokv", num_layers=4, num_iterations=3,
-                     unroll_loops=False)
+                     unroll_loops=False, loss_chunk_size=-1)
   by_part = accounting.flops_per_token(nokv, 128)["by_part"]
   once = aot.train_flops(nokv, 128, 8, 1)["analytic_loops_once"]
   expected = (by_part["self_decoder"] / 2 + by_part["cross_decoder"] / 6
