@@ -102,6 +102,9 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
   run_id = (tmp_path / metrics_lib.WANDB_RUN_ID_FILE).read_text().strip()
   run_files = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb")))
   assert len(run_files) == 2
-  assert [{step: row["loss"] for step, row in wandb_history(f).items()} for f in run_files] == [
+  # Two runs started within one second get directories "...ID" and "...ID-1", which sort
+  # either way round; order them by their steps.
+  histories = sorted((wandb_history(f) for f in run_files), key=min)
+  assert [{step: row["loss"] for step, row in h.items()} for h in histories] == [
       {3: 1 / 3}, {7: 1 / 7}]
-  assert "note" not in wandb_history(run_files[0])[3]  # Only numbers are logged.
+  assert "note" not in histories[0][3]  # Only numbers are logged.
