@@ -92,20 +92,6 @@ def test_moe_layers_that_do_not_divide_a_stack_fail_with_one_line():
     ModelConfig(arch="yocou", num_layers=8, moe_layers=3, **TINY, **MOE)
 
 
-def test_interleaved_moe_prefill_and_decode_match_forward():
-  from yocou_jax.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
-
-  cfg = ref_lib.tiny("yocou", moe_layers=2, **MOE)
-  params = ref_lib.random_params(cfg, seed=7)
-  tokens = np.random.default_rng(8).integers(0, 64, (2, 24)).astype(np.int32)
-  lengths, steps = [5, 14], 9
-  opts = engine_lib.Options(chunk_size=4, kv_block=4, decode_kv_block=8, window_block=4)
-  got, _ = ref_lib.cached_logits(engine_lib.Engine(cfg, opts), params, tokens, lengths, steps, 24)
-  want = ref_lib.reference_at(ref_lib.reference_logits(cfg, params, tokens), lengths, steps)
-  assert np.abs(want).max() > 1.0
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("arch,k", [("transformer", 4), ("yocou", 2)])
 def test_interleaved_moe_export_agrees_with_jax(arch, k, tmp_path):
   """Qwen2-MoE's decoder_sparse_step (native class) and the remote-code model place the MoE

@@ -10,9 +10,10 @@ MOE = dict(ffn="moe", num_experts=4, num_experts_per_token=2, expert_d_ff=16,
            num_shared_experts=1)
 
 
-@pytest.mark.parametrize("arch", ["transformer", "yocou"])
-def test_moe_prefill_and_decode_match_forward(arch):
-  cfg = ref_lib.tiny(arch, **MOE)
+# moe_layers=2: an interleaved stack (every second layer MoE), through engine.layer_params.
+@pytest.mark.parametrize("arch,moe_layers", [("transformer", 1), ("yocou", 1), ("yocou", 2)])
+def test_moe_prefill_and_decode_match_forward(arch, moe_layers):
+  cfg = ref_lib.tiny(arch, moe_layers=moe_layers, **MOE)
   params = ref_lib.random_params(cfg, seed=7)
   tokens = np.random.default_rng(8).integers(0, 64, (2, 24)).astype(np.int32)
   lengths, steps = [5, 14], 9
