@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 
-from tests.inference import reference as ref_lib
 from yocou_jax import accounting
 from yocou_jax import moe
 from yocou_jax.config import ConfigError, ModelConfig
