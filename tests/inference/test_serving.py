@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from yocou_jax import sharding as sharding_lib
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.inference import sampling as sampling_lib
 from yocou_jax.inference import serving
@@ -64,3 +65,18 @@ def test_bad_requests_name_the_problem(model):
     serving.serve(engine, params, _requests(), rows=0)
   with pytest.raises(ValueError, match="request 1: needs a non-empty prompt"):
     serving.serve(engine, params, [serving.Request([1], 2), serving.Request([], 2)], rows=2)
+
+
+def test_rows_on_a_mesh_equal_one_device(model):
+  # Rows over 'data' (1 row rounded up to 2, so a finished request's row is reused), kv heads
+  # over 'tensor'; each new request is prefilled with its batch replicated, then copied into
+  # its row's shard. Prompts of 5 to 7 tokens share one padded prefill width.
+  engine, params = model
+  requests = [r for r in _requests() if 5 <= len(r.prompt) <= 8]
+  want = serving.serve(engine, params, requests, rows=2)
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+  sharded = engine_lib.Engine(engine.cfg, engine.opts, mesh=mesh)
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P()))
+  assert serving.serve(sharded, params, requests + requests[:1], rows=1) == want + want[:1]
+  with pytest.raises(ValueError, match="batch=3 is not a multiple of 2, the number of ways"):
+    sharded.init_state(3, 16)

@@ -104,6 +104,13 @@ def shardings(cache: Any, mesh: jax.sharding.Mesh, rules) -> Any:
   return jax.tree.map(lambda _: spec, cache)
 
 
+def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
+  """How many ways ``mesh`` splits a cache's batch under ``rules`` (the data axes' size)."""
+  axes = nn.logical_to_mesh_axes(AXES[:1], rules)[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def cache_bytes(cache: Any) -> int:
   """Bytes of every K/V array in the cache."""
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize

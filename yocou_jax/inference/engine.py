@@ -359,6 +359,10 @@ class Engine:
                        lengths=replicated)
 
   def init_state(self, batch: int, max_len: int) -> DecodeState:
+    if self.mesh is not None and batch % cache_lib.batch_shards(self.mesh, self.rules):
+      raise ValueError(f"batch={batch} is not a multiple of "
+                       f"{cache_lib.batch_shards(self.mesh, self.rules)}, the number of ways the "
+                       "mesh splits the batch (its data-parallel axes)")
     with self.scope():
       return self._init_fn(batch, max_len)()
 

@@ -9,6 +9,12 @@ never held by its longest member. Resetting a row needs nothing more: every cach
 by the row's own length (ring slots past it are empty, buffer positions past it invisible and
 overwritten before they are read).
 
+On a mesh (an :class:`~yocou_jax.inference.engine.Engine` with ``mesh``) the rows are split
+over the data axes and the kv heads over 'tensor'; the number of rows is rounded up to a
+multiple of the data axes' size, and a new request's batch-1 prefill runs with its batch
+replicated (one row cannot be split), heads still over 'tensor', before it is copied into its
+row's shard.
+
 Sampling draws each request's token ``t`` with the key ``fold_in(fold_in(rng, request), t)``,
 so a request's continuation does not depend on which row it runs in or what runs beside it:
 serving N prompts over any number of rows gives the tokens of serving each alone.
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yocou_jax.inference import cache as cache_lib
 from yocou_jax.inference import engine as engine_lib
 from yocou_jax.inference import sampling as sampling_lib
 
@@ -79,6 +86,20 @@ def _insert(state: engine_lib.DecodeState, one: engine_lib.DecodeState,
                       one)
 
 
+def _batch_shards(engine: engine_lib.Engine) -> int:
+  return 1 if engine.mesh is None else cache_lib.batch_shards(engine.mesh, engine.rules)
+
+
+def _prefill_engine(engine: engine_lib.Engine) -> engine_lib.Engine:
+  """The engine that prefills one new request (batch 1): ``engine`` itself, or on a mesh that
+  splits the batch, the same mesh with the batch replicated."""
+  if _batch_shards(engine) == 1:
+    return engine
+  rules = tuple((name, None if name == cache_lib.AXES[0] else axes)
+                for name, axes in engine.rules)
+  return engine_lib.Engine(engine.cfg, engine.opts, mesh=engine.mesh, rules=rules)
+
+
 _jit_decode_and_sample = jax.jit(_decode_and_sample, static_argnames=("cfg", "opts", "sampling"),
                                  donate_argnums=(1,))
 _jit_insert = jax.jit(_insert, donate_argnums=(0,))
@@ -102,12 +123,14 @@ def stream(engine: engine_lib.Engine, params, requests: Sequence[Request], *, ro
   if not requests:
     return
   rng = jax.random.key(0) if rng is None else rng
-  rows = min(rows, len(requests))
+  shards = _batch_shards(engine)
+  rows = -(-min(rows, len(requests)) // shards) * shards  # Extra rows stay free.
   max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
   stops = set(int(s) for s in stop_tokens)
   decode = functools.partial(_jit_decode_and_sample, cfg=engine.cfg, opts=engine.opts,
                              sampling=sampling)
   state = engine.init_state(rows, max_len)
+  prefill_engine = _prefill_engine(engine)
   waiting = collections.deque(enumerate(requests))
   request_B = np.full(rows, -1, np.int32)  # -1: a free row (decoded as padding, ignored).
   step_B = np.zeros(rows, np.int32)  # Tokens produced so far by the row's request.
@@ -128,8 +151,8 @@ def stream(engine: engine_lib.Engine, params, requests: Sequence[Request], *, ro
       i, request = waiting.popleft()
       prompt_1xP = np.zeros((1, _bucket(len(request.prompt), engine.opts.chunk_size)), np.int32)
       prompt_1xP[0, :len(request.prompt)] = request.prompt
-      logits_1xV, one = engine.prefill(params, prompt_1xP,
-                                       np.asarray([len(request.prompt)], np.int32), max_len)
+      logits_1xV, one = prefill_engine.prefill(
+          params, prompt_1xP, np.asarray([len(request.prompt)], np.int32), max_len)
       with engine.scope():
         state = _jit_insert(state, one, jnp.int32(row))
         first = _jit_sample_rows(logits_1xV, rng, jnp.asarray([i], jnp.int32),
