@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from kernels import ops
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.inference import attention as attn_lib
 from yocou_jax.inference import engine as engine_lib
@@ -37,6 +38,27 @@ def test_pallas_engine_matches_xla_engine(arch):
   np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), state.cache,
                want_state.cache)
+
+
+@pytest.mark.parametrize("arch,extra", [("parscale", dict(num_streams=2, prefix_length=3)),
+                                        ("yoco_upper_loop_nokv", {})])
+def test_auto_on_an_accelerator_serves_new_archs_through_the_kernels(monkeypatch, arch, extra):
+  # attention_impl=auto resolved as on TPU/GPU: the kernels (interpreted here). parscale with a
+  # learned prefix trains through XLA attention only, so auto is how it reaches the kernels (the
+  # prefix in the first cache slots); the upper loop without shared K/V has T global caches.
+  monkeypatch.setattr(ops, "resolve_impl", lambda impl: "pallas")
+  cfg = ref_lib.tiny(arch, num_layers=2, **extra)  # T = 2: two global caches for nokv.
+  assert attn_lib.kernel_impl("auto") == "pallas"
+  params = ref_lib.random_params(cfg, seed=23)
+  tokens = _tokens(3, 16, seed=24)
+  lengths, steps, max_len = [3, 6, 11], 4, 16
+  opts = engine_lib.Options(chunk_size=5, kv_block=4, decode_kv_block=8, window_block=5)
+  got, _ = ref_lib.cached_logits(engine_lib.Engine(cfg.replace(attention_impl="auto"), opts),
+                                 params, tokens, lengths, steps, max_len)
+  want, _ = ref_lib.cached_logits(engine_lib.Engine(cfg, opts), params, tokens, lengths, steps,
+                                  max_len)
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
 def test_kernel_impl_per_backend():
