@@ -95,6 +95,9 @@ _PAPER_MEMORY = flags.DEFINE_float(
 _PAPER_PREFILL_MAX = flags.DEFINE_integer(
     "paper_prefill_max_context", 32768, "paper: prefill (batch 1, timed) only up to this "
     "context; decode runs from random caches at every context.")
+_BOUND_DEVICE = flags.DEFINE_float(
+    "bound_device_gib", 80.0, "Memory of the accelerator the 1.3B equal-memory bound is worked "
+    "out for (the paper's H100: 80); its caches get what the weights leave.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "runs/bench_inference.png", "Throughput plot (PNG).")
 
@@ -350,32 +353,62 @@ def per_sequence_ratio(step_s: dict[int, list[float]], batch: int) -> float:
   return float(np.median(step_s[batch])) / batch / float(np.median(step_s[1]))
 
 
+def fitting_batch(cfg, max_len: int, budget_bytes: int, max_batch: int) -> int:
+  """The largest batch (up to ``max_batch``) whose caches of ``max_len`` tokens fit the budget."""
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+
+  return int(min(max_batch, budget_bytes // accounting.kv_cache_bytes(cfg, max_len)))
+
+
+def decode_fitting_batches(engine, params, cfg, context: int, max_len: int,
+                           budgets: dict[str, tuple[int, int]],
+                           steps: int) -> dict[str, dict[str, Any]]:
+  """For each named budget ``(bytes, max batch)``, the largest batch whose cache fits it, decoded
+  from random caches at position ``context`` with batch 1 interleaved (:func:`decode_batches`).
+
+  Returns ``{name: {"batch", "cache_bytes", "decode_step_s", "decode_tokens_per_s",
+  "per_sequence_step_ratio", "batch1_decode_step_s"}}``; a budget that not one sequence fits
+  has ``batch`` 0 and nothing else.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  fits = {name: fitting_batch(cfg, max_len, *budget) for name, budget in budgets.items()}
+  batches = [b for b in fits.values() if b]
+  if not batches:
+    return {name: {"batch": 0} for name in fits}
+  step_s, cache_bytes = decode_batches(engine, params, cfg, [*batches, 1], context, max_len,
+                                       steps)
+  out = {}
+  for name, batch in fits.items():
+    out[name] = {"batch": batch}
+    if batch:
+      out[name].update(cache_bytes=cache_bytes[batch], decode_step_s=step_s[batch],
+                       decode_tokens_per_s=batch / float(np.median(step_s[batch])),
+                       per_sequence_step_ratio=per_sequence_ratio(step_s, batch),
+                       batch1_decode_step_s=step_s[1])
+  return out
+
+
 def budget_decode(models, context: int, max_len: int, steps: int) -> list[dict[str, Any]]:
   """Decode tokens/s of each arch at the largest batch whose cache fits the memory budget, and
   its per-sequence step time against batch 1 (steps interleaved)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
 
   budget = _BUDGET.value * 2**20
   rows = []
   for arch, (cfg, engine, params) in models.items():
     per_sequence = accounting.kv_cache_bytes(cfg, max_len)
-    batch = int(min(_BUDGET_MAX_BATCH.value, budget // per_sequence))
-    row = {"arch": arch, "context": context, "budget_bytes": budget, "batch": batch,
-           "cache_bytes_per_sequence": per_sequence}
+    fit = decode_fitting_batches(engine, params, cfg, context, max_len,
+                                 {"budget": (budget, _BUDGET_MAX_BATCH.value)}, steps)["budget"]
+    row = {"arch": arch, "context": context, "budget_bytes": budget, "max_len": max_len,
+           "cache_bytes_per_sequence": per_sequence, **fit}
     rows.append(row)
-    if batch == 0:
+    if not fit["batch"]:
       print(f"{arch:12s} budget: one sequence's cache ({per_sequence / 2**20:.0f} MiB) exceeds "
             f"--cache_budget_mib={_BUDGET.value}", flush=True)
       continue
-    step_s, cache_bytes = decode_batches(engine, params, cfg, (batch, 1), context, max_len, steps)
-    row["cache_bytes"] = cache_bytes[batch]
-    row["decode_step_s"], row["batch1_decode_step_s"] = step_s[batch], step_s[1]
-    row["decode_tokens_per_s"] = batch / float(np.median(step_s[batch]))
-    row["per_sequence_step_ratio"] = per_sequence_ratio(step_s, batch)
-    print(f"{arch:12s} budget: batch {batch:3d}, {row['cache_bytes'] / 2**20:8.1f} MiB, decode "
-          f"{row['decode_tokens_per_s']:8.1f} tokens/s, per-sequence step / batch 1: "
+    print(f"{arch:12s} budget: batch {row['batch']:3d}, {row['cache_bytes'] / 2**20:8.1f} MiB, "
+          f"decode {row['decode_tokens_per_s']:8.1f} tokens/s, per-sequence step / batch 1: "
           f"{row['per_sequence_step_ratio']:.2f}", flush=True)
   return rows
 
@@ -423,28 +456,87 @@ def cache_read_rate(cfg, batch: int, context: int, reps: int) -> dict[str, Any]:
   return row
 
 
-def cache_bytes_read_per_token(cfg, max_len: int) -> int:
-  """Cache bytes one decode token reads: every buffer once (decode reads whole buffers), YOCO's
-  global K/V once per cross layer."""
+def equal_memory_bound(cfgs, max_len: int, budget_bytes: int, max_batch: int,
+                       label: str) -> Optional[dict[str, Any]]:
+  """The memory-traffic bound of yocou / transformer decode tokens/s at equal cache memory.
+
+  A decode step bound by memory traffic reads the weights once, whatever its batch, and each
+  sequence's cache (``accounting.decode_weight_read_bytes`` / ``decode_cache_read_bytes``:
+  yocou's global K/V once per cross layer). At its equal-memory batch B an arch makes B tokens
+  per ``weights + B x cache read`` bytes; the ratio of the two archs' tokens per byte is the
+  decode ratio when both stream memory at the same rate. Without the weights (B -> infinity)
+  it is the ratio of cache bytes read per token. ``cfgs`` maps arch -> ModelConfig.
+  """
   from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
 
-  total = accounting.kv_cache_bytes(cfg, max_len)
-  if cfg.is_decoder_decoder:
-    total += ((cfg.num_cross_layers - 1) * 2 * cfg.num_kv_heads * cfg.head_dim * max_len
-              * cfg.compute_dtype.itemsize)
-  return total
-
-
-def read_bound(archs, max_len: int) -> Optional[float]:
-  """transformer / yocou cache bytes read per decoded token: the equal-memory decode ratio of a
-  decode bound by reading the cache (prints how it follows)."""
-  if not {"transformer", "yocou"} <= set(archs):
+  if not {"transformer", "yocou"} <= set(cfgs):
     return None
-  t, y = (cache_bytes_read_per_token(model_config(a), max_len) for a in ("transformer", "yocou"))
-  print(f"cache bytes read per decoded token at {max_len}: transformer {t / 2**20:.1f} MiB, "
-        f"yocou {y / 2**20:.1f} MiB, so a decode bound by reading the cache gives yocou / "
-        f"transformer tokens/s at equal cache memory of about {t / y:.2f}")
-  return t / y
+  archs = {}
+  for arch in ("transformer", "yocou"):
+    cfg = cfgs[arch]
+    batch = fitting_batch(cfg, max_len, budget_bytes, max_batch)
+    weights = accounting.decode_weight_read_bytes(cfg)
+    cache = accounting.decode_cache_read_bytes(cfg, max_len)
+    archs[arch] = {"batch": batch, "weight_bytes": weights, "cache_read_bytes_per_sequence": cache,
+                   "step_bytes": weights + batch * cache,
+                   "tokens_per_gb": 1e9 * batch / (weights + batch * cache)}
+  t, y = archs["transformer"], archs["yocou"]
+  bound = {"label": label, "max_len": max_len, "budget_bytes": budget_bytes, "archs": archs,
+           "cache_only": t["cache_read_bytes_per_sequence"] / y["cache_read_bytes_per_sequence"],
+           "with_weights": y["tokens_per_gb"] / t["tokens_per_gb"] if t["batch"] else None}
+  lines = [f"{label}: memory-traffic bound at {max_len} tokens, cache budget "
+           f"{budget_bytes / 2**30:.2f} GiB"]
+  for arch, a in archs.items():
+    lines.append(f"  {arch:12s} batch {a['batch']:5d}: weights {a['weight_bytes'] / 2**20:8.1f} "
+                 f"MiB + batch x cache read {a['cache_read_bytes_per_sequence'] / 2**20:8.1f} MiB "
+                 f"= {a['step_bytes'] / 2**30:7.2f} GiB a step, {a['tokens_per_gb']:.3f} "
+                 "tokens per GB")
+  with_weights = "-" if bound["with_weights"] is None else f"{bound['with_weights']:.2f}"
+  lines.append(f"  yocou / transformer tokens/s: {with_weights} with the weights, "
+               f"{bound['cache_only']:.2f} from the cache reads alone (the limit of large batches)")
+  print("\n".join(lines))
+  return bound
+
+
+def measured_traffic(bound: Optional[dict[str, Any]], measured: dict[str, dict[str, Any]]) -> None:
+  """Adds each arch's attained GB/s (its step bytes over its median step) to ``bound`` and
+  prints how the measured ratio departs from the bound. ``measured[arch]`` has batch and
+  decode_tokens_per_s at the bound's max_len and budget."""
+  if bound is None or not {"transformer", "yocou"} <= set(measured):
+    return
+  rates = {}
+  for arch, a in bound["archs"].items():
+    m = measured[arch]
+    if m["batch"] != a["batch"]:
+      return
+    rates[arch] = a["attained_gb_per_s"] = a["step_bytes"] * m["decode_tokens_per_s"] / (
+        m["batch"] * 1e9)
+  ratio = measured["yocou"]["decode_tokens_per_s"] / measured["transformer"]["decode_tokens_per_s"]
+  bound["measured"] = ratio
+  print(f"  measured {ratio:.2f}: the steps streamed {rates['transformer']:.1f} GB/s "
+        f"(transformer, batch {measured['transformer']['batch']}) and {rates['yocou']:.1f} GB/s "
+        f"(yocou, batch {measured['yocou']['batch']}); bound x {rates['yocou']:.1f} / "
+        f"{rates['transformer']:.1f} = {bound['with_weights'] * rates['yocou'] / rates['transformer']:.2f}")
+
+
+def paper_scale_bounds(contexts) -> list[dict[str, Any]]:
+  """:func:`equal_memory_bound` for the paper's 1.3B shapes (``experiments/configs/
+  yocou_1p3b.py``) on a ``--bound_device_gib`` accelerator: the caches get what the stored
+  transformer weights leave, batches uncapped."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from experiments.configs import yocou_1p3b  # pylint: disable=g-import-not-at-top
+  from yocou_jax import accounting  # pylint: disable=g-import-not-at-top
+  from yocou_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  base = ModelConfig.from_config(yocou_1p3b.get_config().model)
+  cfgs = {arch: base.replace(arch=arch) for arch in ("transformer", "yocou")}
+  weights = max(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      accounting.abstract_params(c))) for c in cfgs.values())  # Stored, not read, bytes.
+  budget = int(_BOUND_DEVICE.value * 2**30) - weights
+  return [equal_memory_bound(cfgs, context + _PAPER_NEW.value, budget, 2**31,
+                             f"1.3B ({base.dtype} caches) on {_BOUND_DEVICE.value:g} GiB")
+          for context in contexts]
 
 
 def serving_targets(equal_memory: dict[str, dict[str, Any]],
@@ -500,11 +592,11 @@ def paper_protocol(opts) -> list[dict[str, Any]]:
       cfg = model_config(arch)
       engine, params = engine_lib.Engine(cfg, opts), random_params(cfg)
       per_sequence = accounting.kv_cache_bytes(cfg, max_len)
-      batch = int(min(_PAPER_BATCH.value, cap // per_sequence))
-      equal = int(min(_BUDGET_MAX_BATCH.value, budget // per_sequence))
+      batch = fitting_batch(cfg, max_len, cap, _PAPER_BATCH.value)
       row = {"arch": arch, "context": context, "batch": batch, "max_len": max_len,
              "new_tokens": _PAPER_NEW.value, "cache_bytes_per_sequence": per_sequence,
-             "prefill_s": None, "prefill_batch": 1, "batch_equal_memory": equal,
+             "prefill_s": None, "prefill_batch": 1,
+             "batch_equal_memory": fitting_batch(cfg, max_len, budget, _BUDGET_MAX_BATCH.value),
              "budget_bytes": budget}
       rows.append(row)
       if batch == 0:
@@ -514,22 +606,25 @@ def paper_protocol(opts) -> list[dict[str, Any]]:
       if context <= _PAPER_PREFILL_MAX.value:
         warm_up(engine, params, max_len)
         row["prefill_s"], _, _ = prefill(engine, params, context, max_len)
-      batches = [b for b in (batch, equal, 1) if b]
-      step_s, cache_bytes = decode_batches(engine, params, cfg, batches, context, max_len,
-                                           _DECODE_STEPS.value)
-      median = {b: float(np.median(t)) for b, t in step_s.items()}
-      row.update(decode_step_s=step_s[batch], decode_tokens_per_s=batch / median[batch],
-                 decode_s_new_tokens=_PAPER_NEW.value * median[batch],
-                 cache_bytes=cache_bytes[batch], batch1_decode_step_s=step_s[1])
-      if equal:
-        row.update(decode_step_s_equal_memory=step_s[equal],
-                   decode_tokens_per_s_equal_memory=equal / median[equal],
-                   cache_bytes_equal_memory=cache_bytes[equal],
-                   per_sequence_step_ratio_equal_memory=per_sequence_ratio(step_s, equal))
+      fits = decode_fitting_batches(
+          engine, params, cfg, context, max_len,
+          {"paper": (cap, _PAPER_BATCH.value), "equal": (budget, _BUDGET_MAX_BATCH.value)},
+          _DECODE_STEPS.value)
+      paper, equal = fits["paper"], fits["equal"]
+      row.update(decode_step_s=paper["decode_step_s"],
+                 decode_tokens_per_s=paper["decode_tokens_per_s"],
+                 decode_s_new_tokens=_PAPER_NEW.value * float(np.median(paper["decode_step_s"])),
+                 cache_bytes=paper["cache_bytes"],
+                 batch1_decode_step_s=paper["batch1_decode_step_s"])
+      if equal["batch"]:
+        row.update(decode_step_s_equal_memory=equal["decode_step_s"],
+                   decode_tokens_per_s_equal_memory=equal["decode_tokens_per_s"],
+                   cache_bytes_equal_memory=equal["cache_bytes"],
+                   per_sequence_step_ratio_equal_memory=equal["per_sequence_step_ratio"])
       prefill_s = "-" if row["prefill_s"] is None else f"{row['prefill_s']:.2f} s"
       print(f"{arch:12s} {context:7d}: prefill {prefill_s}, batch {batch}: decode "
-            f"{row['decode_tokens_per_s']:.1f} tokens/s, cache {cache_bytes[batch] / 2**30:.2f} "
-            f"GiB; equal memory batch {equal}: "
+            f"{row['decode_tokens_per_s']:.1f} tokens/s, cache {row['cache_bytes'] / 2**30:.2f} "
+            f"GiB; equal memory batch {equal['batch']}: "
             f"{row.get('decode_tokens_per_s_equal_memory', 0):.1f} tokens/s", flush=True)
       del engine, params
   add_ratios(rows)
@@ -710,12 +805,20 @@ def paper_main(start: float) -> None:
         f"prefill at batch 1; equal memory: largest batch whose cache fits {_BUDGET.value} MiB "
         f"(<= {_BUDGET_MAX_BATCH.value}); x: ratio to the transformer (prefill speed-up, "
         "decode tokens/s, cache bytes saved)\n" + paper_table(rows))
-  bound = read_bound(paper_archs(), top + _PAPER_NEW.value)
+  print()
+  bound = equal_memory_bound({a: model_config(a) for a in paper_archs()}, top + _PAPER_NEW.value,
+                             _BUDGET.value * 2**20, _BUDGET_MAX_BATCH.value, "bench model")
+  measured_traffic(bound, {r["arch"]: {"batch": r["batch_equal_memory"], "decode_tokens_per_s":
+                                       r["decode_tokens_per_s_equal_memory"]}
+                           for r in rows if r["context"] == top
+                           and "decode_tokens_per_s_equal_memory" in r})
+  scale = paper_scale_bounds(sorted({top, 262144}))
   checks = paper_targets(rows) + serving_targets({}, reads)
   print_targets(checks)
   print(f"total {time.perf_counter() - start:.0f} s")
   write_json({"protocol": "paper", "rows": rows, "cache_read": reads,
-              "equal_memory_read_bound": bound}, checks)
+              "equal_memory_read_bound": bound and bound["cache_only"],
+              "equal_memory_bound": bound, "equal_memory_bound_1p3b": scale}, checks)
 
 
 def main(argv):
@@ -756,7 +859,12 @@ def main(argv):
   read_rows = read_rates(top, [1, *[r["batch"] for r in budget_rows
                                     if r["arch"] == "yocou" and r["batch"]]])
   equal_memory = {r["arch"]: r for r in budget_rows if r["batch"]}
-  bound = read_bound(_ARCHS.value, results[next(iter(results))][-1]["max_len"])
+  print()
+  bound = equal_memory_bound({a: model_config(a) for a in _ARCHS.value},
+                             results[next(iter(results))][-1]["max_len"],
+                             _BUDGET.value * 2**20, _BUDGET_MAX_BATCH.value, "bench model")
+  measured_traffic(bound, equal_memory)
+  scale = paper_scale_bounds(sorted({top, 262144}))
   checks = targets(results) + serving_targets(equal_memory, read_rows)
   print_targets(checks)
   print(f"total {time.perf_counter() - start:.0f} s")
@@ -766,7 +874,8 @@ def main(argv):
     print(f"plot: {_PLOT_OUT.value}")
   write_json({"results": results, "equal_memory_decode": budget_rows,
               "long_context_decode": long_rows, "decode_fit": fits, "cache_read": read_rows,
-              "equal_memory_read_bound": bound}, checks)
+              "equal_memory_read_bound": bound and bound["cache_only"],
+              "equal_memory_bound": bound, "equal_memory_bound_1p3b": scale}, checks)
 
 
 if __name__ == "__main__":

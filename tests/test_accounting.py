@@ -259,6 +259,23 @@ def test_kv_cache_1p3b():
   assert yocou < 0.08 * transformer
 
 
+def test_decode_traffic_closed_forms():
+  # _SMALL: d 128, 4 heads / 2 kv heads of 32, d_ff 384, vocab 256, W 64, T 3, float32 params.
+  d, q, kv, ff, v = 128, 4 * 32, 2 * 32, 384, 256
+  layer = d * q + 2 * d * kv + q * d + 3 * d * ff  # Q, K, V, out, SwiGLU.
+  cross = d * q + q * d + 3 * d * ff  # No K/V of its own.
+  weights = {"transformer": 4 * layer + d * v, "looped": 3 * 4 * layer + d * v,
+             "yocou": 3 * 2 * layer + 2 * d * kv + 2 * cross + d * v,
+             "yoco_upper_loop_nokv": 2 * layer + 3 * 2 * d * kv + 3 * 2 * cross + d * v}
+  for arch, params in weights.items():
+    assert accounting.decode_weight_read_bytes(_small(arch)) == 4 * params, arch
+  bpt, n = 2 * 2 * 32 * 4, 4096  # K and V of one token in one cache, float32.
+  tokens = {"transformer": 4 * n, "yocou": 3 * 2 * 64 + 2 * n,  # Global K/V once per cross layer.
+            "yoco_upper_loop_nokv": 2 * 64 + 3 * 2 * n}
+  for arch, count in tokens.items():
+    assert accounting.decode_cache_read_bytes(_small(arch), n, batch=2) == 2 * count * bpt, arch
+
+
 # --- the plan and its binary -----------------------------------------------------------------
 
 _PLAN_KEYS = {"arch", "params", "params_by_part", "train_flops_per_token", "train_flops_per_step",

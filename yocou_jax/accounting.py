@@ -271,6 +271,33 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
   return kv_cache_breakdown(cfg, context, batch)["total"]
 
 
+# --- decode memory traffic -------------------------------------------------------------------
+
+def decode_cache_read_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
+  """Cache bytes one decode step reads with buffers of ``context`` tokens: every layer
+  application's buffer once (window rings: min(W, context) tokens), and YOCO's global K/V once
+  per cross-decoder layer application (every one of them attends to it)."""
+  caches = kv_cache_breakdown(cfg, context, batch)
+  if not cfg.is_decoder_decoder:
+    return caches["total"]
+  global_reads = cfg.cross_iterations * cfg.num_cross_layers * context
+  return caches["local"] + global_reads * kv_bytes_per_token(cfg) * batch
+
+
+def decode_weight_read_bytes(cfg: ModelConfig) -> int:
+  """Parameter bytes one decode step reads, whatever its batch: every matmul weight once per
+  application (a looped block once per loop; ParScale's P streams run as rows of one batch, so
+  once), at the params' stored dtype; MoE counts every expert (a batch of many tokens routes to
+  all of them); the embedding lookup gathers rows and is not counted (the output projection is).
+  """
+  itemsize = jnp.dtype(jax.tree.leaves(abstract_params(cfg))[0].dtype).itemsize
+  reads = 0
+  for part in model_parts(cfg):
+    applications = 1 if cfg.arch == "parscale" and part.name == "decoder" else part.applications
+    reads += part.matmul_params * applications
+  return reads * itemsize
+
+
 # --- the plan ---------------------------------------------------------------------------------
 
 def plan(cfg: ModelConfig, seq_len: int, batch_size: int,
