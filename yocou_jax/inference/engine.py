@@ -230,25 +230,27 @@ def forward_chunk(params: Params, state: DecodeState, tokens_BxC: Array, counts_
   return x_BxCxD, DecodeState(cache=cache_lib.constrain(cache), lengths=lengths_B + counts_B)
 
 
-def _features(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
-              cfg: ModelConfig, opts: Options) -> Array:
+def _features(model: Model, params: Params, state: DecodeState, x_BxCxD: Array,
+              positions_BxC: Array, *, opts: Options) -> Array:
   """The final features [B, C, D] (``Model.features``): the cross-decoder (yoco/yocou; T times
   for the upper loop over its one K/V, the last iteration for the upper loop without shared KV)
   and ParScale's aggregation of the streams."""
+  cfg = model.cfg
   if cfg.is_decoder_decoder:
     for _ in range(cfg.cross_iterations - (cfg.global_kv_iterations - 1)):
       x_BxCxD = cross_decode(params, cfg, state.cache["global_kv"][-1], x_BxCxD, positions_BxC,
                              opts)
   if cfg.arch == "parscale":
-    x_BxCxD = Model(cfg).apply({"params": params}, x_BxCxD, method=Model.aggregate_streams)
+    x_BxCxD = model.apply({"params": params}, x_BxCxD, method=Model.aggregate_streams)
   return x_BxCxD
 
 
 def _head(params: Params, state: DecodeState, x_BxCxD: Array, positions_BxC: Array, *,
           cfg: ModelConfig, opts: Options) -> Array:
   """The final features and the output head: float32 logits [B, C, V]."""
-  x_BxCxD = _features(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts)
-  return Model(cfg).apply({"params": params}, x_BxCxD, method=Model.logits)
+  model = Model(cfg)
+  x_BxCxD = _features(model, params, state, x_BxCxD, positions_BxC, opts=opts)
+  return model.apply({"params": params}, x_BxCxD, method=Model.logits)
 
 
 def prefill_chunk(params: Params, state: DecodeState, last_x_BxD: Array, tokens_BxC: Array,
@@ -277,7 +279,7 @@ def chunk_features(params: Params, state: DecodeState, tokens_BxC: Array, counts
   """
   positions_BxC = _positions(state.lengths, tokens_BxC.shape[1])
   x_BxCxD, state = forward_chunk(params, state, tokens_BxC, counts_B, cfg=cfg, opts=opts)
-  return _features(params, state, x_BxCxD, positions_BxC, cfg=cfg, opts=opts), state
+  return _features(Model(cfg), params, state, x_BxCxD, positions_BxC, opts=opts), state
 
 
 def decode_step(params: Params, state: DecodeState, tokens_B: Array, *, cfg: ModelConfig,
