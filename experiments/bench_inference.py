@@ -32,10 +32,20 @@ decode attention over one full cache buffer at the largest context (batch 1 and 
 >= 50% of the rate of a plain reduction over the same bytes, timed alternately in the same run
 (the streaming-read limit).
 
+Both modes end with the memory-traffic bound of the equal-memory ratio: a decode step reads
+the weights once (a looped block once per loop) and each sequence's cache (yocou's global K/V
+once per cross layer), so an arch at its equal-memory batch B makes B tokens per
+``weights + B x cache read`` bytes. The bound is printed for the bench model at its budget,
+with the GB/s each arch's steps attained (measured ratio = bound x yocou's GB/s / the
+transformer's), and for the paper's 1.3B shapes on a ``--bound_device_gib`` accelerator. With
+equal layer counts the cache term alone is below 2 at any finite context (the transformer's L
+caches against yocou's L/2 reads of the global cache plus its rings); the weights term helps
+yocou only as far as its larger batch amortises weights the transformer's small batch cannot.
+
 The defaults take about 30 minutes on two shared CPU cores, almost all of it the quadratic 32K
 prefills of transformer (~10 min) and rins (~13 min); ``--archs`` and ``--contexts`` shorten it.
 
-``--protocol=paper`` is the serving protocol instead: for every arch (all five unless
+``--protocol=paper`` is the serving protocol instead: for every arch (all of them unless
 ``--archs``) and ``--paper_contexts`` (8K, 16K, 32K), a batch-1 prefill (up to
 ``--paper_prefill_max_context``), then decode at batch ``--paper_batch`` (32; the largest batch
 whose caches fit ``--paper_memory_gib`` where 32 do not, stated in the row) and at the largest

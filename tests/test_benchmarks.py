@@ -149,3 +149,14 @@ def test_bench_inference_paper_protocol_rows_follow_from_measurements(tmp_path):
   # Bytes read per decoded token at max_len 260: the transformer's 2 caches; yocou's global
   # K/V once per cross layer (1) and its 3 rings.
   assert result["equal_memory_read_bound"] == pytest.approx(2 * 260 / (260 + 3 * 64))
+  # With the weights read once a step (float32): the transformer's 2 layers and head, yocou's
+  # self-decoder layer 3 times, its global K/V projections, cross layer (no K/V) and head.
+  layer, head = 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 192, 64 * 384
+  weights = {"transformer": 4 * (2 * layer + head),
+             "yocou": 4 * (3 * layer + 2 * 64 * 32 + layer - 2 * 64 * 32 + head)}
+  reads = {"transformer": 2 * 260 * 256, "yocou": (260 + 3 * 64) * 256}
+  per_byte = {a: rows[a]["batch_equal_memory"] / (weights[a] + rows[a]["batch_equal_memory"]
+                                                  * reads[a]) for a in rows}
+  bound = result["equal_memory_bound"]
+  assert bound["with_weights"] == pytest.approx(per_byte["yocou"] / per_byte["transformer"])
+  assert bound["measured"] == pytest.approx(y["decode_tokens_per_s_equal_memory_vs_transformer"])
