@@ -54,6 +54,7 @@ class ModelConfig:
   attention_block_size: int = 128
   unroll_loops: bool = True
   loss_chunk_size: int = 0  # 0: per backend; -1: materialised logits (see yocou_jax/loss.py).
+  ffn_chunk_size: int = 0  # Dense SwiGLU over chunks of this many positions (0: whole rows).
   # Mixture-of-Experts feed-forward (ffn="moe"); see yocou_jax/moe.py.
   ffn: str = "dense"
   num_experts: int = 8
@@ -196,6 +197,9 @@ class ModelConfig:
     if (not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool)
         or self.loss_chunk_size < -1):
       fail("loss_chunk_size", "must be an integer >= -1 (0: per backend, -1: materialised logits)")
+    if (not isinstance(self.ffn_chunk_size, int) or isinstance(self.ffn_chunk_size, bool)
+        or self.ffn_chunk_size < 0):
+      fail("ffn_chunk_size", "must be an integer >= 0 (0: whole rows)")
     if self.rope_theta <= 0:
       fail("rope_theta", "must be positive")
     if self.ffn not in FFNS:

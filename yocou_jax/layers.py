@@ -71,23 +71,49 @@ class Projection(nn.Module):
     kernel = self.param("kernel", param_init(self.cfg, self.axes), (*in_shape, *self.out_shape),
                         jnp.float32)
     dtype = self.cfg.compute_dtype
-    contract = tuple(range(x.ndim - self.in_axes, x.ndim))
-    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                            ((contract, tuple(range(self.in_axes))), ((), ())),
-                            preferred_element_type=jnp.promote_types(dtype, jnp.float32))
-    return y.astype(dtype)
+    # The leading (batch, length) dims as one, so that the backward pass's weight gradient is a
+    # plain 2-D matmul over tokens: contracting two separate dims made XLA:CPU write transposed
+    # copies of the output's cotangent (the largest non-matmul ops of a training step).
+    lead = x.shape[:-self.in_axes]
+    x_MxI = x.reshape(-1, *in_shape).astype(dtype)
+    # The output in the compute dtype: accelerators accumulate in float32 either way, and a
+    # bfloat16 model keeps no float32 [tokens, d_ff] buffers (nor their float32 cotangents).
+    y = jax.lax.dot_general(x_MxI, kernel.astype(dtype),
+                            ((tuple(range(1, 1 + self.in_axes)), tuple(range(self.in_axes))),
+                             ((), ())),
+                            preferred_element_type=dtype)
+    return y.reshape(*lead, *self.out_shape)
 
 
 class SwiGLU(nn.Module):
-  """down(silu(gate(x)) * up(x)), Llama's feed-forward block."""
+  """down(silu(gate(x)) * up(x)), Llama's feed-forward block.
+
+  With ``cfg.ffn_chunk_size`` = C (and rows longer than C, a multiple of it) the block runs over
+  chunks of C positions of every row, one after the other (``nn.scan``), each chunk
+  rematerialised: the backward pass then holds the [rows, C, d_ff] intermediates of one chunk,
+  not of the whole row. The parameters and the result are the same.
+  """
 
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_BxNxD: Array) -> Array:
+  def setup(self):
     cfg = self.cfg
-    gate_BxNxF = Projection(cfg, (cfg.d_ff,), ("embed", "mlp"), name="gate")(x_BxNxD)
-    up_BxNxF = Projection(cfg, (cfg.d_ff,), ("embed", "mlp"), name="up")(x_BxNxD)
-    h_BxNxF = activation(nn.silu(gate_BxNxF) * up_BxNxF,
+    self.gate = Projection(cfg, (cfg.d_ff,), ("embed", "mlp"))
+    self.up = Projection(cfg, (cfg.d_ff,), ("embed", "mlp"))
+    self.down = Projection(cfg, (cfg.d_model,), ("mlp", "embed"))
+
+  def __call__(self, x_BxNxD: Array) -> Array:
+    b, n, d = x_BxNxD.shape
+    c = self.cfg.ffn_chunk_size
+    if not c or n <= c or n % c:
+      return self.ffn(x_BxNxD)
+    chunks = nn.scan(nn.remat(lambda mdl, carry, x: (carry, mdl.ffn(x)), prevent_cse=False),
+                     variable_broadcast="params", split_rngs={"params": False},
+                     in_axes=1, out_axes=1, length=n // c)
+    _, y_BxLxCxD = chunks(self, None, x_BxNxD.reshape(b, n // c, c, d))
+    return y_BxLxCxD.reshape(b, n, -1)
+
+  def ffn(self, x_BxNxD: Array) -> Array:
+    h_BxNxF = activation(nn.silu(self.gate(x_BxNxD)) * self.up(x_BxNxD),
                          "activation_batch", "activation_length", "activation_mlp")
-    return Projection(cfg, (cfg.d_model,), ("mlp", "embed"), name="down")(h_BxNxF)
+    return self.down(h_BxNxF)

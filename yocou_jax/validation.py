@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ConfigError, ModelConfig
-from yocou_jax.train import profiling
+from yocou_jax import profiling
 from yocou_jax.train.optimizer import SCHEDULES
 
 NONFINITE_MODES = ("skip", "stop")

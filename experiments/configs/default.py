@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   # row per chunk, so only [rows, chunk, vocab] logits exist at a time. 0: per backend (256 on
   # TPU/GPU, the whole row on CPU); -1: materialise the [rows, seq_len, vocab] logits.
   m.loss_chunk_size = 0
+  # Dense SwiGLU run over chunks of this many positions of every row, each rematerialised, so the
+  # backward pass holds one chunk's [rows, chunk, d_ff] intermediates (long rows on accelerators).
+  # 0: whole rows. Rows that are not a longer multiple of it run whole.
+  m.ffn_chunk_size = 0
   # Mixture-of-Experts feed-forward (yocou_jax/moe.py); the fields below apply when ffn = "moe".
   m.ffn = "dense"  # Feed-forward of every layer: dense (SwiGLU d_ff) or moe.
   m.num_experts = 8  # Routed experts E.

@@ -59,7 +59,10 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
       arch=arch, num_layers=num_layers, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
       head_dim=head_dim, d_ff=swiglu_width(d_model), vocab_size=VOCAB_SIZE, window=512,
       num_iterations=3, num_recursive_layers=num_layers // 2, dtype="bfloat16", remat="full",
-      attention_block_size=128)
+      attention_block_size=128,
+      # SwiGLU over 2048-position chunks of each 8192-token row: the backward pass holds one
+      # chunk's [rows, 2048, d_ff] intermediates (s4 proxy, 4 layers: 17.5 -> 12.3 GiB a chip).
+      ffn_chunk_size=2048)
   # Pass --config.data.tokenizer=PATH to a ~100K-token tokenizer for real runs (train one with
   # experiments.train_tokenizer); the byte default keeps every rung runnable out of the box.
   config.data.seq_len = 8192
@@ -87,7 +90,7 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
   else:  # cpu: the same family, shrunk to run in minutes on a laptop.
     config.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
                         d_ff=384, vocab_size=384, window=64, num_recursive_layers=2,
-                        dtype="float32", remat="none")
+                        dtype="float32", remat="none", ffn_chunk_size=0)
     config.data.update(seq_len=256, tokenizer="byte")
     config.train.update(batch_size=8, steps=300, learning_rate=3e-3, warmup_steps=30,
                         z_loss=0.0, microbatches=1)

@@ -9,7 +9,7 @@ import pytest
 from tests.train.conftest import PROFILED_STEPS
 from tests.train.synthetic import tiny_config
 from yocou_jax.config import ConfigError
-from yocou_jax.train import profiling
+from yocou_jax import profiling
 from yocou_jax.train import trainer
 
 

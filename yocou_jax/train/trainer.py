@@ -29,7 +29,7 @@ from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import finetune
 from yocou_jax.train import metrics as metrics_lib
 from yocou_jax.train import optimizer as optimizer_lib
-from yocou_jax.train import profiling
+from yocou_jax import profiling
 from yocou_jax.train import safety
 from yocou_jax.train import step as step_lib
 
