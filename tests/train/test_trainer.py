@@ -14,6 +14,7 @@ from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import optimizer as optimizer_lib
 from yocou_jax.train import step as step_lib
 from yocou_jax.train import trainer
+from tests.train.conftest import TOOLING_STEPS
 from tests.train.synthetic import SEQ_LEN, synthetic_data, tiny_config
 
 def losses(result):
@@ -57,19 +58,21 @@ def test_sigterm_checkpoint_and_exact_resume(tmp_path):
                jax.device_get(straight.state.params))
 
 
-def test_restore_checkpoint_saved_on_8_devices_onto_4(tmp_path):
-  config = tiny_config(steps=5, mesh=(2, 2, 2))
-  result = trainer.train(config, str(tmp_path), data=synthetic_data())
+def test_restore_checkpoint_saved_on_8_devices_onto_4(tooling_run):
+  """The whole state (params, Adam moments, step) of the shared run's last step on 8 devices."""
+  config = tooling_run.config
+  assert config.mesh.to_dict() == {"data": 2, "fsdp": 2, "tensor": 2}
   mesh4 = sharding_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
   model = Model(trainer.ModelConfig.from_config(config.model))
   tx = optimizer_lib.make_optimizer(config.train)
   abstract, shardings = step_lib.state_shardings(model, tx, mesh4, SEQ_LEN)
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=3)
-  restored = ckpt.restore(5, checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  ckpt = checkpoint_lib.Checkpointer(tooling_run.workdir, keep=3)
+  restored = ckpt.restore(TOOLING_STEPS,
+                          checkpoint_lib.abstract_with_shardings(abstract, shardings))
   emb = restored.params["embedding"]
   assert set(emb.sharding.device_set) == set(jax.devices()[:4])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
-               jax.device_get(result.state))
+               jax.device_get(tooling_run.result.state))
 
 
 @pytest.mark.parametrize("field, value, message", [

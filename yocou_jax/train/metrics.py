@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -56,8 +57,13 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -
   return 2.0 * size**3 / best
 
 
+@functools.lru_cache(maxsize=None)
 def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
-  """(peak FLOP/s of one local device, where the figure comes from)."""
+  """(peak FLOP/s of one local device, where the figure comes from).
+
+  Measured (when the device is not in the table) once per process and dtype: the device does not
+  change, and a measurement costs a compile and a dozen large matmuls on every train() call.
+  """
   device = jax.local_devices()[0]
   peak = table_peak_flops(device)
   if peak is not None:
