@@ -41,6 +41,9 @@ transformer's), and for the paper's 1.3B shapes on a ``--bound_device_gib`` acce
 equal layer counts the cache term alone is below 2 at any finite context (the transformer's L
 caches against yocou's L/2 reads of the global cache plus its rings); the weights term helps
 yocou only as far as its larger batch amortises weights the transformer's small batch cannot.
+At 32K with the default 1 GiB budget the bound is 1.94 (batches 26 / 3; 1.91 from the cache
+alone), so the equal-memory target of 2 is out of this model's reach there however fast the
+decode; for the 1.3B shapes on 80 GiB it is 1.99 at 32K and 2.08 at 256K (the paper: 2.2).
 
 The defaults take about 30 minutes on two shared CPU cores, almost all of it the quadratic 32K
 prefills of transformer (~10 min) and rins (~13 min); ``--archs`` and ``--contexts`` shorten it.

@@ -33,9 +33,9 @@ _ROWS = flags.DEFINE_integer(
 _JSON_OUT = flags.DEFINE_string("json_out", None, "With --rows: write one JSON line per request.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float(
-    "temperature", 0.8, "Temperature of the sampled continuation (0: greedy only).")
+    "temperature", 0.6, "Temperature of the sampled continuation (0: greedy only).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1: all).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling PRNG seed.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 0, "Loop count T at inference (0: trained).")
 _CHUNK = flags.DEFINE_integer(

@@ -30,8 +30,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Final samples' length (0: none).")
 _SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final samples.")
 _SAMPLE_TEMPERATURE = flags.DEFINE_float(
-    "sample_temperature", 0.8, "Temperature of the sampled sample (0: greedy only).")
-_SAMPLE_TOP_P = flags.DEFINE_float("sample_top_p", 0.95, "Nucleus mass of the sampled sample.")
+    "sample_temperature", 0.6, "Temperature of the sampled sample (0: greedy only).")
+_SAMPLE_TOP_P = flags.DEFINE_float("sample_top_p", 0.9, "Nucleus mass of the sampled sample.")
 _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "PRNG seed of the sampled sample.")
 
 

@@ -76,7 +76,7 @@ def test_binary_trains_reports_and_resumes(tmp_path):
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "validation loss:" in out.stdout and "greedy sample (8 tokens)" in out.stdout
-  assert "temperature 0.8, top-p 0.95, seed 0 sample (8 tokens)" in out.stdout
+  assert "temperature 0.6, top-p 0.9, seed 0 sample (8 tokens)" in out.stdout
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [0, 2, 3, 4, 6]
   for key in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "tflops_per_device", "mfu",
