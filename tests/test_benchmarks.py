@@ -27,6 +27,8 @@ def test_bench_train_figures_follow_from_step_times(tmp_path):
   peak = result["peak_flops"]
   assert result["peak_source"] == "measured f32 matmul" and peak == result[
       "measured_matmul_peak_flops"] > 1e8
+  assert peak == max(result["matmul_peak_before_after_flops"])  # The best of before and after.
+  assert result["ffn_matmul_flops"] > 1e8 and 0 <= result["peak_spread"] < 1
   for row in result["rows"]:
     cfg = ModelConfig(arch=row["arch"], num_layers=2, d_model=128, num_heads=2, num_kv_heads=1,
                       head_dim=64, d_ff=384, vocab_size=384, window=32, num_iterations=3)
@@ -35,6 +37,8 @@ def test_bench_train_figures_follow_from_step_times(tmp_path):
     assert len(row["step_times_s"]) == 3
     assert row["step_time_s"] == pytest.approx(float(np.median(row["step_times_s"])))
     assert row["mfu"] == pytest.approx(row["train_flops_per_step"] / row["step_time_s"] / peak)
+    assert row["mfu_of_ffn_matmul"] == pytest.approx(
+        row["train_flops_per_step"] / row["step_time_s"] / result["ffn_matmul_flops"])
     assert row["tokens_per_sec"] == pytest.approx(2 * 128 / row["step_time_s"])
     assert abs(row["loss"] - math.log(384)) < 0.5  # Random tokens, a few warm-up steps.
     seconds = row["op_breakdown"]["seconds"]  # Every region of the model shows up in the trace.

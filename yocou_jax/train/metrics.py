@@ -43,10 +43,15 @@ def table_peak_flops(device: jax.Device) -> Optional[float]:
   return None
 
 
-def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """Best achieved FLOP/s of a jitted square matmul on the default device."""
-  a = jnp.ones((size, size), dtype)
-  b = jnp.ones((size, size), dtype)
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5,
+                        shape: Optional[tuple[int, int, int]] = None) -> float:
+  """Best achieved FLOP/s of a jitted square matmul on the default device.
+
+  ``shape=(m, k, n)`` times an [m, k] x [k, n] matmul instead (a model's own matmul shapes).
+  """
+  m, k, n = shape or (size, size, size)
+  a = jnp.ones((m, k), dtype)
+  b = jnp.ones((k, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, b).block_until_ready()
   best = float("inf")
@@ -54,7 +59,7 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -
     start = time.perf_counter()
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2.0 * size**3 / best
+  return 2.0 * m * k * n / best
 
 
 @functools.lru_cache(maxsize=None)
