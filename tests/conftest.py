@@ -43,3 +43,15 @@ def tiny_config():
     return ModelConfig(arch=arch, **{**TINY_MODEL, **overrides})
 
   return make
+
+
+# Modules whose tests each run several JAX processes or training runs (the longest of the suite).
+# pytest-xdist hands tests out in collection order, so these go first: started last, one of them
+# would run alone at the end while the other worker sits idle. Tests do not depend on the order.
+LONG_FIRST = ("tests/train/test_multiprocess.py", "tests/reliability/test_multiprocess_faults.py",
+              "tests/train/test_train_binary.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONG_FIRST)  # A stable sort.
