@@ -15,7 +15,6 @@ def trained(tmp_path_factory):
   """A yocou (T=2, 1 self + 1 cross layer) trained 8 steps on the real text pipeline."""
   tmp_path = tmp_path_factory.mktemp("depth")
   config = corpus_config(tmp_path)
-  config.mesh.update(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "run")
   result = trainer.train(config, workdir, devices=jax.devices()[:1])
   return config, workdir, result
