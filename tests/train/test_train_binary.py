@@ -40,11 +40,10 @@ def corpus_config(tmp_path, steps=8):
   return config
 
 
-def test_real_pipeline_resumes_exactly_after_preemption(tmp_path):
-  # The pipeline's state and batches do not depend on the mesh; one device keeps 3 runs cheap.
-  config = corpus_config(tmp_path)
+def test_real_pipeline_resumes_exactly_after_preemption(corpus_run, tmp_path):
+  # The pipeline's state and batches do not depend on the mesh: one device keeps the runs cheap.
+  config, _, straight = corpus_run  # The uninterrupted run (conftest.py).
   train = functools.partial(trainer.train, devices=jax.devices()[:1])
-  straight = train(config, str(tmp_path / "straight"))
 
   def preempt_at_3(step, state):
     del state
