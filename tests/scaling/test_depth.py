@@ -36,12 +36,13 @@ def test_angular_distances_count_and_a_direct_reference(corpus_run):
 
   # The captured states are the model's own: the last one, through the final norm and head,
   # gives the model's logits.
-  run_params = depth.text_lib.load_run(workdir).params
-  batch = {k: jax.numpy.asarray(v) for k, v in depth.eval_batches(
-      depth.text_lib.load_run(workdir))[0].items()}
-  states = depth.residual_states(model_cfg, run_params, batch)
-  logits = Model(model_cfg).apply({"params": run_params}, batch["tokens"], batch["segment_ids"],
-                                  batch["positions"])
-  head = Model(model_cfg).apply({"params": run_params}, states[-1][2], method=Model.logits)
+  run = depth.text_lib.load_run(workdir)
+  batch = {k: jax.numpy.asarray(v) for k, v in depth.eval_batches(run)[0].items()}
+  states = depth.residual_states(model_cfg, run.params, batch)
+  model = Model(model_cfg)  # Jitted: one compile each rather than one per operation.
+  logits = jax.jit(model.apply)({"params": run.params}, batch["tokens"], batch["segment_ids"],
+                                batch["positions"])
+  head = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.logits))(
+      run.params, states[-1][2])
   np.testing.assert_allclose(np.asarray(head), np.asarray(logits), rtol=1e-5, atol=1e-5)
   del config
