@@ -43,3 +43,34 @@ def tiny_config():
     return ModelConfig(arch=arch, **{**TINY_MODEL, **overrides})
 
   return make
+
+
+@pytest.fixture(scope="session")
+def corpus_run(tmp_path_factory):
+  """(config, workdir, result): 8 steps of the tiny yocou on the real text pipeline, one device.
+
+  The uninterrupted run of test_train_binary's resume test and the trained run test_depth reads.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from tests.train.test_train_binary import corpus_config  # pylint: disable=g-import-not-at-top
+  from yocou_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  tmp_path = tmp_path_factory.mktemp("corpus_run")
+  config = corpus_config(tmp_path)
+  workdir = str(tmp_path / "run")
+  return config, workdir, trainer.train(config, workdir, devices=jax.devices()[:1])
+
+
+# Modules whose tests each run several JAX processes or training runs (the longest of the suite).
+# pytest-xdist hands tests out in collection order, so these go first: started last, one of them
+# would run alone at the end while the other worker sits idle. test_depth follows
+# test_train_binary into the first worker's first batch, where corpus_run is already trained.
+# Tests do not depend on the order.
+LONG_FIRST = ("tests/train/test_multiprocess.py", "tests/reliability/test_multiprocess_faults.py",
+              "tests/train/test_train_binary.py", "tests/scaling/test_depth.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {module: i for i, module in enumerate(LONG_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FIRST)))  # Stable.

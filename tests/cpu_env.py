@@ -32,3 +32,25 @@ def run_module(module: str, *args: str, device_count: int = 1, timeout: float = 
   return subprocess.run([sys.executable, "-m", module, *args], cwd=repo,
                         env=subprocess_env(device_count, **extra_env), capture_output=True,
                         text=True, timeout=timeout)
+
+
+def run_cases(module: str, cases: list[list[str]], scratch_dir: str, device_count: int = 1,
+              timeout: float = 900) -> list[dict]:
+  """Runs ``module``'s main once per argument list, all in one child process.
+
+  Returns ``[{"code": exit status, "stderr": text}]``, one per case, as separate ``python -m
+  module ARGS...`` runs would end (see tests/reliability/binary_cases.py): refusals that exit at
+  start-up cost one interpreter (and one import of the binary's libraries) in all.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+
+  cases_json = os.path.join(scratch_dir, f"{module}.cases.json")
+  out_json = os.path.join(scratch_dir, f"{module}.out.json")
+  with open(cases_json, "w") as f:
+    json.dump(cases, f)
+  proc = run_module("tests.reliability.binary_cases", module, cases_json, out_json,
+                    device_count=device_count, timeout=timeout)
+  if proc.returncode != 0:
+    raise AssertionError(f"tests.reliability.binary_cases {module} failed: {proc.stderr[-3000:]}")
+  with open(out_json) as f:
+    return json.load(f)

@@ -13,15 +13,14 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from tests.inference import reference as ref_lib
-from tests.test_model import (_layer, forward_fn, jit, random_params, single_documents)
+from tests.test_model import (_layer, assert_adamw_memorises_a_fixed_batch, forward_fn, jit,
+                              random_params, single_documents)
 from yocou_jax import accounting
 from yocou_jax import aot
 from yocou_jax import attention as attention_lib
-from yocou_jax import loss as loss_lib
 from yocou_jax import moe as moe_lib
 from yocou_jax.config import ConfigError, ModelConfig
 from yocou_jax.inference import cache as cache_lib
@@ -278,31 +277,7 @@ def test_aot_flops_basis_counts_loops_not_streams():
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
-  cfg = _config(tiny_config, arch)
-  params = random_params(cfg, std=cfg.init_std)
-  batch = single_documents(seed=2)
-  model, optimizer = Model(cfg), optax.adamw(1e-2)
-
-  def loss_fn(params):
-    logits = model.apply({"params": params}, *batch)
-    targets, weights = loss_lib.next_token_targets(batch[0], batch[1])
-    return loss_lib.cross_entropy(logits, targets, weights)[0]
-
-  @jit
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, grads
-
-  opt_state, losses = optimizer.init(params), []
-  for i in range(30):
-    params, opt_state, loss, grads = step(params, opt_state)
-    losses.append(float(loss))
-    if i == 0:
-      for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)  # Every param used.
-  assert abs(losses[0] - math.log(cfg.vocab_size)) < 0.05
-  assert losses[-1] < 0.3 * losses[0], losses
+  assert_adamw_memorises_a_fixed_batch(_config(tiny_config, arch))
 
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)

@@ -287,9 +287,9 @@ def test_packed_row_equals_each_document_alone(tiny_config, variant):
 # --- training ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
-  cfg = tiny_config(arch)
+def assert_adamw_memorises_a_fixed_batch(cfg: ModelConfig):
+  """30 AdamW steps on one batch from init_std weights: a near-uniform start, a gradient for
+  every parameter, and a loss below 30% of the start (shared with test_baselines.py)."""
   params = random_params(cfg, std=cfg.init_std)
   batch = single_documents(seed=2)
   model = Model(cfg)
@@ -319,6 +319,11 @@ def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
   # A near-uniform start: log(vocab) nats.
   assert abs(losses[0] - math.log(cfg.vocab_size)) < 0.05
   assert losses[-1] < 0.3 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
+  assert_adamw_memorises_a_fixed_batch(tiny_config(arch))
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "offload"])

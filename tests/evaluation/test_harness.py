@@ -209,8 +209,9 @@ def test_binary(runs, tmp_path):
   assert (result["arch"], result["step"], result["max_length"]) == ("transformer", 5, 32)
   assert result["n-samples"]["toy_mc"]["effective"] == 6
   assert result["averages"]["macro_avg_acc"] == result["results"]["toy_mc"]["acc,none"]
-  for flags, message in [([f"--workdir={tmp_path / 'missing'}", *args], "error: --workdir="),
-                         ([f"--workdir={workdir}", "--tasks=no_such_task", *args[1:]],
-                          "error: --tasks: unknown task(s) no_such_task")]:
-    proc = cpu_env.run_module("experiments.eval_harness", *flags, timeout=300)
-    assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+  refusals = [([f"--workdir={tmp_path / 'missing'}", *args], "error: --workdir="),
+              ([f"--workdir={workdir}", "--tasks=no_such_task", *args[1:]],
+               "error: --tasks: unknown task(s) no_such_task")]
+  results = cpu_env.run_cases("experiments.eval_harness", [f for f, _ in refusals], tmp_path)
+  for (_, message), result in zip(refusals, results):
+    assert result["code"] == 1 and message in result["stderr"].strip().splitlines()[-1], result

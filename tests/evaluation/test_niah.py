@@ -100,9 +100,9 @@ def test_binary(tmp_path):
     prompt = ENCODE(row["input"] + row["answer_prefix"])
     want = engine.generate(params, [prompt], 8, stop_tokens=[TOK.eos_id]).tokens[0]
     assert row["pred"] == TOK.decode(want) and row["length"] == len(prompt)
-  proc = cpu_env.run_module("experiments.eval_niah", f"--workdir={tmp_path / 'nope'}", *args)
-  assert proc.returncode == 1 and "error: --workdir=" in proc.stderr.splitlines()[-1]
   (tmp_path / "blank.txt").write_text("\n")
-  proc = cpu_env.run_module("experiments.eval_niah", f"--workdir={workdir}", *args,
-                            f"--haystack={tmp_path / 'blank.txt'}")
-  assert proc.returncode == 1 and "error: --haystack=" in proc.stderr.splitlines()[-1]
+  missing, blank = cpu_env.run_cases("experiments.eval_niah", [
+      [f"--workdir={tmp_path / 'nope'}", *args],
+      [f"--workdir={workdir}", *args, f"--haystack={tmp_path / 'blank.txt'}"]], tmp_path)
+  assert missing["code"] == 1 and "error: --workdir=" in missing["stderr"].splitlines()[-1]
+  assert blank["code"] == 1 and "error: --haystack=" in blank["stderr"].splitlines()[-1]

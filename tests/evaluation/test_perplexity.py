@@ -66,11 +66,13 @@ def test_binary_refusals_and_json(tmp_path):
     want = -np.mean(common.token_logprobs(cfg, params, window[-n:])[-16:])
     assert (row["prefix"], row["documents"], row["tokens"]) == (n, 1, 16)
     assert row["nll"] == pytest.approx(want, abs=1e-5)
-  for flags, message in [
+  refusals = [
       ([f"--workdir={tmp_path / 'missing'}"], "error: --workdir="),
       ([f"--workdir={workdir}", f"--corpus={tmp_path / 'empty'}"], "holds no text"),
       ([f"--workdir={workdir}", f"--corpus={tmp_path / 'docs'}", "--prefix_lengths=48,400"],
        "error: --prefix_lengths: no document"),
-  ]:
-    proc = cpu_env.run_module("experiments.eval_ppl", *args, *flags, timeout=300)
-    assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+  ]
+  results = cpu_env.run_cases("experiments.eval_ppl", [[*args, *flags] for flags, _ in refusals],
+                              tmp_path)
+  for (_, message), result in zip(refusals, results):
+    assert result["code"] == 1 and message in result["stderr"].strip().splitlines()[-1], result

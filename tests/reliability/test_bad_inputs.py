@@ -20,6 +20,9 @@ CASES = [
     # --- train: the whole config, checked before anything is built --------------------------
     ("train", ["--config.model.arch=mamba"],
      f"error: config.model.arch='mamba' is invalid: allowed: {ARCHS}"),
+    ("train", ["--config.model.window=0"],
+     "error: config.model.window=0 is invalid: must be a positive integer (sliding-window length "
+     "W)"),
     ("train", ["--config.model.num_kv_heads=3"],
      "error: config.model.num_kv_heads=3 is invalid: must divide num_heads=4"),
     ("train", ["--config.model.d_model=130"],
@@ -137,6 +140,8 @@ CASES = [
      "error: --prompt_file={tmp}/missing.txt does not exist"),
     ("generate", ["--workdir={run}"],
      "error: give --prompt (one or more), --prompt_file or --prompts_file"),
+    ("generate", ["--workdir={run}", "--prompts_file={tmp}/prompts.jsonl"],
+     "error: per-request max_new_tokens in --prompts_file needs --rows"),
     ("generate", ["--workdir={run}", "--prompt=x", "--step=7"],
      "error: step 7 is not in {run}/checkpoints; saved steps: [5, 10]"),
     ("generate", ["--workdir={tmp}", "--prompt=x"],
@@ -165,6 +170,8 @@ def scratch(tmp) -> None:
     (tmp / "corpus" / f"m{i}.py").write_text(f"def f{i}(x):\n  return x + {i}\n" * 20)
   for i in range(3):
     (tmp / "empty_files" / f"f{i}.py").write_text("")
+  (tmp / "prompts.jsonl").write_text('{"prompt": "def f", "max_new_tokens": 5}\n'
+                                     '{"prompt": "x", "max_new_tokens": 2}\n')
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,19 @@
-"""Test-time depth and the representation analysis of a tiny trained yocou (T=2)."""
+"""Test-time depth and the representation analysis of a tiny trained yocou (T=2).
+
+The run is ``corpus_run`` (tests/conftest.py): 1 self + 1 cross layer, 8 steps of the real text
+pipeline.
+"""
 
 import jax
 import numpy as np
 import pytest
 
-from tests.train.test_train_binary import corpus_config
 from yocou_jax.model import Model
 from yocou_jax.scaling import depth
-from yocou_jax.train import trainer
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A yocou (T=2, 1 self + 1 cross layer) trained 8 steps on the real text pipeline."""
-  tmp_path = tmp_path_factory.mktemp("depth")
-  config = corpus_config(tmp_path)
-  config.mesh.update(data=1, fsdp=1, tensor=1)
-  workdir = str(tmp_path / "run")
-  result = trainer.train(config, workdir, devices=jax.devices()[:1])
-  return config, workdir, result
-
-
-def test_loss_at_the_trained_depth_is_the_trainers_validation_loss(trained):
-  config, workdir, result = trained
+def test_loss_at_the_trained_depth_is_the_trainers_validation_loss(corpus_run):
+  config, workdir, result = corpus_run  # tests/conftest.py
   rows = depth.loss_at_depths(workdir, [1, 2, 3])
   assert [r["num_iterations"] for r in rows] == [1, 2, 3]
   assert [r["trained"] for r in rows] == [False, True, False]
@@ -33,8 +24,8 @@ def test_loss_at_the_trained_depth_is_the_trainers_validation_loss(trained):
   del config
 
 
-def test_angular_distances_count_and_a_direct_reference(trained):
-  config, workdir, _ = trained
+def test_angular_distances_count_and_a_direct_reference(corpus_run):
+  config, workdir, _ = corpus_run  # tests/conftest.py
   model_cfg, transitions = depth.representation_analysis(workdir)
   t, self_layers, cross_layers = 2, model_cfg.num_self_layers, model_cfg.num_cross_layers
   assert len(transitions) == t * self_layers + cross_layers
@@ -45,12 +36,13 @@ def test_angular_distances_count_and_a_direct_reference(trained):
 
   # The captured states are the model's own: the last one, through the final norm and head,
   # gives the model's logits.
-  run_params = depth.text_lib.load_run(workdir).params
-  batch = {k: jax.numpy.asarray(v) for k, v in depth.eval_batches(
-      depth.text_lib.load_run(workdir))[0].items()}
-  states = depth.residual_states(model_cfg, run_params, batch)
-  logits = Model(model_cfg).apply({"params": run_params}, batch["tokens"], batch["segment_ids"],
-                                  batch["positions"])
-  head = Model(model_cfg).apply({"params": run_params}, states[-1][2], method=Model.logits)
+  run = depth.text_lib.load_run(workdir)
+  batch = {k: jax.numpy.asarray(v) for k, v in depth.eval_batches(run)[0].items()}
+  states = depth.residual_states(model_cfg, run.params, batch)
+  model = Model(model_cfg)  # Jitted: one compile each rather than one per operation.
+  logits = jax.jit(model.apply)({"params": run.params}, batch["tokens"], batch["segment_ids"],
+                                batch["positions"])
+  head = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Model.logits))(
+      run.params, states[-1][2])
   np.testing.assert_allclose(np.asarray(head), np.asarray(logits), rtol=1e-5, atol=1e-5)
   del config
