@@ -40,14 +40,12 @@ def test_pallas_engine_matches_xla_engine(arch):
                want_state.cache)
 
 
-@pytest.mark.parametrize("arch,extra", [("parscale", dict(num_streams=2, prefix_length=3)),
-                                        ("yoco_upper_loop_nokv", {})])
-def test_auto_on_an_accelerator_serves_new_archs_through_the_kernels(monkeypatch, arch, extra):
+def test_auto_on_an_accelerator_serves_parscale_through_the_kernels(monkeypatch):
   # attention_impl=auto resolved as on TPU/GPU: the kernels (interpreted here). parscale with a
-  # learned prefix trains through XLA attention only, so auto is how it reaches the kernels (the
-  # prefix in the first cache slots); the upper loop without shared K/V has T global caches.
+  # learned prefix trains through XLA attention only, so auto is how it reaches the kernels, its
+  # prefix in the first cache slots. (The upper loops call the same cache kernels as yoco.)
   monkeypatch.setattr(ops, "resolve_impl", lambda impl: "pallas")
-  cfg = ref_lib.tiny(arch, num_layers=2, **extra)  # T = 2: two global caches for nokv.
+  cfg = ref_lib.tiny("parscale", num_layers=2, num_streams=2, prefix_length=3)
   assert attn_lib.kernel_impl("auto") == "pallas"
   params = ref_lib.random_params(cfg, seed=23)
   tokens = _tokens(3, 16, seed=24)
