@@ -16,6 +16,20 @@ Memory on a v5p-8 (``python -m experiments.compile_for --config=experiments/conf
   4             full     materialised logits  93 GiB       5.8 GiB  -       does not fit
   4             full     fused (256 / chunk)  57.8 GiB     3.6 GiB  59.7    fits (63%)
   4             offload  fused (256 / chunk)  43.2 GiB     2.7 GiB  45.2    fits (48%)
+  4             full     fused, bfloat16 projections, SwiGLU in 2048-position chunks:
+                                              48.4 GiB     3.0 GiB  50.3    fits (53%)
+
+Per row of 8192 tokens, what a chip holds besides each layer application's saved input (one
+[16, 8192, 2048] bfloat16 per application, 0.5 GiB for 16 rows) is the working set of one layer's
+backward pass. Two changes shrink it: the projections return the compute dtype (bfloat16: no
+float32 [rows, 8192, 5632] SwiGLU buffers or float32 cotangents), and the SwiGLU runs over chunks
+of 2048 positions (``ffn_chunk_size``). On a 4-layer proxy of this config (``--config.model.
+num_layers=4``, same widths and rows; XLA's buffer-assignment heap per chip) the heap goes
+19.15 GiB -> 17.49 (bfloat16 projections) -> 12.25 (and SwiGLU chunks); with 8 layers it is
+16.05 (23.15 before), so each further layer application adds 0.475 GiB (its saved input). That
+heap does not extrapolate linearly to the 20-layer temporaries (which XLA reports apart from
+this heap): the 20-layer compile measured 57.8 -> 48.4 GiB (3.0 GiB a row; the goal of 1.95 a
+row is not reached with full remat).
 
 The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
 transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
