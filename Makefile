@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/python -m experiments.train $(ARGS)
 
 test: install-test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 tests $(ARGS)
 
 plan: install
 	$(BIN)/python -m experiments.plan --archs=transformer,yoco,yocou,rins,looped $(ARGS)

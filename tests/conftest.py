@@ -70,18 +70,7 @@ LONG_FIRST = ("tests/train/test_multiprocess.py", "tests/reliability/test_multip
               "tests/train/test_train_binary.py", "tests/scaling/test_depth.py")
 
 
-# Session fixtures that train a run which several tests then read. Under `--dist loadgroup` (the
-# Makefile's) every test that uses one joins the fixture's xdist group, so each run is trained once,
-# on one worker, rather than once per worker.
-SHARED_RUNS = ("corpus_run", "tooling_run", "run10")
-
-
-@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the groups.
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {module: i for i, module in enumerate(LONG_FIRST)}
   items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FIRST)))  # Stable.
-  for item in items:
-    shared = [name for name in SHARED_RUNS if name in item.fixturenames]
-    if shared:
-      item.add_marker(pytest.mark.xdist_group(shared[0]))
