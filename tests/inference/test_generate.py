@@ -63,7 +63,7 @@ def test_generate_binary(tmp_path):
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}", "--prompt=ab",
                             f"--prompt_file={tmp_path / 'prompt.txt'}", "--max_new_tokens=4",
                             "--num_iterations=3", "--temperature=0.8", "--top_k=20",
-                            "--chunk_size=4", timeout=300, JAX_PLATFORMS="",
+                            "--top_p=0.9", "--chunk_size=4", timeout=300, JAX_PLATFORMS="",
                             TPU_WORKER_HOSTNAMES="", TPU_HOST_BOUNDS="")
   assert proc.returncode == 0, proc.stderr[-3000:]
   for noise in ("Failed to find host bounds", "Source Location Trace", "libtpu"):
@@ -74,7 +74,7 @@ def test_generate_binary(tmp_path):
   assert "--- prompt: 'ab'" in proc.stdout and "--- prompt: 'print(1)\\n'" in proc.stdout
   # The greedy continuation beside the seeded sampled one, each as the library generates it.
   run = text.load_run(workdir, num_iterations=3)
-  for sampling in (sampling_lib.SamplingConfig(), sampling_lib.SamplingConfig(0.8, 20, 0.95)):
+  for sampling in (sampling_lib.SamplingConfig(), sampling_lib.SamplingConfig(0.8, 20, 0.9)):
     (want, _), _ = text.generate(run, ["ab", "print(1)\n"], 4, sampling=sampling, chunk_size=4,
                                  warmup=False)
     assert f"[{sampling.describe(seed=0)}]\nab{want}\n" in proc.stdout, repr(proc.stdout)
