@@ -20,20 +20,25 @@ def _tokens(batch: int, n: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 64, (batch, n)).astype(np.int32)
 
 
+def _served(attention_impl, cfg, *, seed, n, steps, max_len):
+  """(logits, state) of prompts of 3, 6 and 11 tokens (in one right-padded batch of 3 rows of
+  ``n``), chunks of 5 and ``steps`` decode steps, served with ``attention_impl``, then the same
+  through ``cfg``'s own (XLA) attention."""
+  params = ref_lib.random_params(cfg, seed=seed)
+  tokens = _tokens(3, n, seed=seed + 1)
+  opts = engine_lib.Options(chunk_size=5, kv_block=4, decode_kv_block=8, window_block=5)
+  return tuple(ref_lib.cached_logits(engine_lib.Engine(c, opts), params, tokens, [3, 6, 11],
+                                     steps, max_len)
+               for c in (cfg.replace(attention_impl=attention_impl), cfg))
+
+
 @pytest.mark.parametrize("arch", ref_lib.ARCHS)
 def test_pallas_engine_matches_xla_engine(arch):
   # W = 4, GQA (4 query heads on 2 kv heads), prompts of 3, 6 and 11 tokens in one right-padded
   # batch, chunks of 5 (longer than the window: the run has empty ring slots and chunk padding),
   # then 6 decode steps (the window wraps several times); the cache is not a kernel-block multiple.
-  cfg = ref_lib.tiny(arch)
-  params = ref_lib.random_params(cfg, seed=21)
-  tokens = _tokens(3, 18, seed=22)
-  lengths, steps, max_len = [3, 6, 11], 6, 19
-  opts = engine_lib.Options(chunk_size=5, kv_block=4, decode_kv_block=8, window_block=5)
-  got, state = ref_lib.cached_logits(engine_lib.Engine(cfg.replace(attention_impl="pallas"), opts),
-                                     params, tokens, lengths, steps, max_len)
-  want, want_state = ref_lib.cached_logits(engine_lib.Engine(cfg, opts), params, tokens, lengths,
-                                           steps, max_len)
+  (got, state), (want, want_state) = _served("pallas", ref_lib.tiny(arch), seed=21, n=18,
+                                              steps=6, max_len=19)
   assert np.abs(want).max() > 1.0  # Logits far from uniform: the comparison is meaningful.
   np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=ATOL), state.cache,
@@ -47,14 +52,7 @@ def test_auto_on_an_accelerator_serves_parscale_through_the_kernels(monkeypatch)
   monkeypatch.setattr(ops, "resolve_impl", lambda impl: "pallas")
   cfg = ref_lib.tiny("parscale", num_layers=2, num_streams=2, prefix_length=3)
   assert attn_lib.kernel_impl("auto") == "pallas"
-  params = ref_lib.random_params(cfg, seed=23)
-  tokens = _tokens(3, 16, seed=24)
-  lengths, steps, max_len = [3, 6, 11], 4, 16
-  opts = engine_lib.Options(chunk_size=5, kv_block=4, decode_kv_block=8, window_block=5)
-  got, _ = ref_lib.cached_logits(engine_lib.Engine(cfg.replace(attention_impl="auto"), opts),
-                                 params, tokens, lengths, steps, max_len)
-  want, _ = ref_lib.cached_logits(engine_lib.Engine(cfg, opts), params, tokens, lengths, steps,
-                                  max_len)
+  (got, _), (want, _) = _served("auto", cfg, seed=23, n=16, steps=4, max_len=16)
   assert np.abs(want).max() > 1.0
   np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
