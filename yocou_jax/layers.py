@@ -71,18 +71,14 @@ class Projection(nn.Module):
     kernel = self.param("kernel", param_init(self.cfg, self.axes), (*in_shape, *self.out_shape),
                         jnp.float32)
     dtype = self.cfg.compute_dtype
-    # The leading (batch, length) dims as one, so that the backward pass's weight gradient is a
-    # plain 2-D matmul over tokens: contracting two separate dims made XLA:CPU write transposed
-    # copies of the output's cotangent (the largest non-matmul ops of a training step).
-    lead = x.shape[:-self.in_axes]
-    x_MxI = x.reshape(-1, *in_shape).astype(dtype)
-    # The output in the compute dtype: accelerators accumulate in float32 either way, and a
-    # bfloat16 model keeps no float32 [tokens, d_ff] buffers (nor their float32 cotangents).
-    y = jax.lax.dot_general(x_MxI, kernel.astype(dtype),
-                            ((tuple(range(1, 1 + self.in_axes)), tuple(range(self.in_axes))),
-                             ((), ())),
-                            preferred_element_type=dtype)
-    return y.reshape(*lead, *self.out_shape)
+    contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+    # Accumulated in float32 and rounded once to the compute dtype. Accelerators fuse the rounding
+    # into the matmul, so a bfloat16 model keeps no float32 [tokens, d_ff] buffers; XLA:CPU has no
+    # fast bfloat16-output matmul (asking for one made every bfloat16 compile and step slower).
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                            ((contract, tuple(range(self.in_axes))), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.astype(dtype)
 
 
 class SwiGLU(nn.Module):
