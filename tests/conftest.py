@@ -9,6 +9,7 @@ compile hundreds of tiny programs, and this cuts compile time 4-6x without chang
 (benchmarks, which run outside pytest, keep the defaults).
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -45,6 +46,46 @@ def tiny_config():
   return make
 
 
+def _on_host(value):
+  """``value`` with every jax.Array in it fetched to numpy: pytrees (a TrainState) as they are,
+  and through plain tuples and dataclasses that are not pytrees (a TrainResult)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if type(value) is tuple:  # pylint: disable=unidiomatic-typecheck
+    return tuple(_on_host(v) for v in value)
+  leaves = jax.tree.leaves(value)
+  if (dataclasses.is_dataclass(value) and not isinstance(value, type)
+      and len(leaves) == 1 and leaves[0] is value):
+    return dataclasses.replace(value, **{f.name: _on_host(getattr(value, f.name))
+                                         for f in dataclasses.fields(value) if f.init})
+  return jax.device_get(value)
+
+
+def once_per_suite(tmp_path_factory, name: str, train):
+  """``train(directory)`` run once per test session, even with pytest-xdist workers.
+
+  The first worker to ask runs it in a directory all workers share (under a file lock) and
+  pickles the result there, with its arrays on the host; every worker, that one included,
+  returns the unpickled copy, so each test sees the same objects whichever worker runs it.
+  The directory is shared: tests read it, and copy it before changing anything in it.
+  """
+  import pickle  # pylint: disable=g-import-not-at-top
+
+  import filelock  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # The base directory of the whole session.
+  done = root / f"{name}.pkl"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      (root / name).mkdir()
+      result = _on_host(train(root / name))
+      (root / f"{name}.pkl.tmp").write_bytes(pickle.dumps(result))
+      os.replace(root / f"{name}.pkl.tmp", done)
+  return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def corpus_run(tmp_path_factory):
   """(config, workdir, result): 8 steps of the tiny yocou on the real text pipeline, one device.
@@ -55,10 +96,12 @@ def corpus_run(tmp_path_factory):
   from tests.train.test_train_binary import corpus_config  # pylint: disable=g-import-not-at-top
   from yocou_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  tmp_path = tmp_path_factory.mktemp("corpus_run")
-  config = corpus_config(tmp_path)
-  workdir = str(tmp_path / "run")
-  return config, workdir, trainer.train(config, workdir, devices=jax.devices()[:1])
+  def train(tmp_path):
+    config = corpus_config(tmp_path)
+    workdir = str(tmp_path / "run")
+    return config, workdir, trainer.train(config, workdir, devices=jax.devices()[:1])
+
+  return once_per_suite(tmp_path_factory, "corpus_run", train)
 
 
 # Modules whose tests each run several JAX processes or training runs (the longest of the suite).

@@ -5,6 +5,7 @@ import shutil
 import jax
 import pytest
 
+from tests.conftest import once_per_suite
 from tests.train.synthetic import synthetic_data, tiny_config
 from yocou_jax.train import trainer
 
@@ -12,10 +13,12 @@ from yocou_jax.train import trainer
 @pytest.fixture(scope="session")
 def run10(tmp_path_factory):
   """(workdir, result) of a 10-step run with intact checkpoints at steps 5 and 10."""
-  workdir = tmp_path_factory.mktemp("run10")
-  result = trainer.train(tiny_config(steps=10), str(workdir), data=synthetic_data(),
-                         devices=jax.devices()[:1])
-  return str(workdir), result
+
+  def train(workdir):
+    return str(workdir), trainer.train(tiny_config(steps=10), str(workdir),
+                                       data=synthetic_data(), devices=jax.devices()[:1])
+
+  return once_per_suite(tmp_path_factory, "run10", train)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from tests.conftest import once_per_suite
 from tests.train.synthetic import synthetic_data, tiny_config
 from yocou_jax.train import trainer
 
@@ -24,5 +25,9 @@ def tooling_run(tmp_path_factory) -> ToolingRun:
   config = tiny_config(steps=TOOLING_STEPS, mesh=(2, 2, 2))
   config.profile.steps = PROFILED_STEPS
   config.logging.wandb.update(mode="offline", project="tests", name="tooling")
-  workdir = str(tmp_path_factory.mktemp("tooling_run"))
-  return ToolingRun(config, workdir, trainer.train(config, workdir, data=synthetic_data()))
+
+  def train(workdir):
+    return ToolingRun(config, str(workdir), trainer.train(config, str(workdir),
+                                                          data=synthetic_data()))
+
+  return once_per_suite(tmp_path_factory, "tooling_run", train)
