@@ -47,17 +47,23 @@ def _run_steps(config, mesh, batches, tx):
   return jax.device_get(state.params), history, state
 
 
+@functools.cache
+def _one_device_step():
+  """(params, metrics) of one SGD step on one device: the reference of both sharding modes
+  (expert_sharding only places the experts; on one device there is nothing to place)."""
+  mesh1 = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
+  params1, m1, _ = _run_steps(moe_train_config(), mesh1, [_batch()], optax.sgd(1.0))
+  return params1, m1
+
+
 @pytest.mark.parametrize("expert_sharding", ["fsdp", "expert"])
 def test_sharded_moe_step_equals_one_device(expert_sharding):
   """A (data 2, fsdp 2, tensor 2) mesh; in 'expert' mode each device holds 2 of the 4 experts."""
   config = moe_train_config(expert_sharding=expert_sharding)
   tx = optax.sgd(1.0)  # The parameter change is exactly the gradient.
-  batches = [_batch()]
-  devices = jax.devices("cpu")
-  mesh8 = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices[:8])
-  mesh1 = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices[:1])
-  params8, m8, state8 = _run_steps(config, mesh8, batches, tx)
-  params1, m1, _ = _run_steps(config, mesh1, batches, tx)
+  mesh8 = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices("cpu")[:8])
+  params8, m8, state8 = _run_steps(config, mesh8, [_batch()], tx)
+  params1, m1 = _one_device_step()
   gate = state8.params["cross_decoder"]["layers"]["mlp"]["gate"]  # [layers, E, D, F]
   expected = (1, 2, 1, 2) if expert_sharding == "expert" else (1, 1, 2, 2)
   assert tuple(a // b for a, b in zip(gate.shape, gate.addressable_shards[0].data.shape)) == \
