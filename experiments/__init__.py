@@ -1,5 +1,3 @@
 """The experiments binaries (``python -m experiments.NAME``): thin absl front ends to yocou_jax."""
 
-from yocou_jax import platforms as _platforms
-
-_platforms.select()  # Before any binary initialises a backend: no TPU probing without a TPU.
+import yocou_jax  # pylint: disable=unused-import  # Chooses the JAX platforms (yocou_jax.platforms).

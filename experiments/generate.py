@@ -3,6 +3,8 @@ r"""Generates continuations from the latest checkpoint of a training run.
   python -m experiments.generate --workdir=runs/default --prompt="def " --prompt="import os"
   python -m experiments.generate --workdir=runs/default --prompt_file=prompt.txt \
       --temperature=0.7 --top_p=0.9 --seed=3 --num_iterations=6
+  python -m experiments.generate --workdir=runs/big --prompts_file=prompts.jsonl --rows=32 \
+      --mesh=data:-1,tensor:4
 
 Loads ``workdir/checkpoints/<latest>/{config,state}`` and the tokenizer saved in
 ``workdir/tokenizer``, prefills every prompt (one batch, mixed lengths) in chunks, decodes with
@@ -13,6 +15,9 @@ the prefill and decode throughput of the last generation and the cache bytes (li
 ``attention_impl`` is served on any backend (``auto`` and ``pallas`` use the Pallas kernels on
 TPU and GPU; ``auto`` uses XLA on CPU).
 ``--num_iterations`` runs a looped model at another depth than it was trained with.
+``--mesh`` serves on every device, sharded as the trainer shards (params by their logical names;
+the batch or the ``--rows`` over the data and fsdp axes, heads over 'tensor'): the prompts of one
+batch, or the rows, must be a multiple of the data x fsdp size.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ _ITERATIONS = flags.DEFINE_integer("num_iterations", 0, "Loop count T at inferen
 _CHUNK = flags.DEFINE_integer(
     "chunk_size", None, "Prefill chunk length (default: config.inference.chunk_size, else 512).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_MESH = flags.DEFINE_string("mesh", None, "Serve sharded over every device: data:D,fsdp:F,tensor:T "
+                            "(one may be -1; default: one device).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile first, so the reported speeds exclude it.")
 
 
@@ -69,6 +76,10 @@ def _read_prompts(path: str) -> list[tuple[str, int]]:
   return prompts
 
 
+def _on_mesh(run) -> str:
+  return "" if run.mesh is None else f" on the mesh {dict(run.mesh.shape)}"
+
+
 def _serve(text, run, prompts, sampling) -> None:
   """Continuous batching through --rows rows; prints (and with --json_out writes) each request."""
   from yocou_jax import files  # pylint: disable=g-import-not-at-top
@@ -80,7 +91,7 @@ def _serve(text, run, prompts, sampling) -> None:
     print(f"\n--- request {i} [{sampling.describe(_SEED.value)}]: {texts[i]!r}\n"
           f"{texts[i]}{continuation}", flush=True)
     records.append({"index": i, "prompt": texts[i], "continuation": continuation})
-  print(f"\n{len(prompts)} requests through {_ROWS.value} rows in "
+  print(f"\n{len(prompts)} requests through {_ROWS.value} rows{_on_mesh(run)} in "
         f"{time.perf_counter() - start:.3f} s (compilation included)")
   if _JSON_OUT.value:
     with files.atomic_write(_JSON_OUT.value) as f:  # Never a half-written file.
@@ -122,6 +133,42 @@ def _prompts_and_sampling(sampling_lib):
   return prompts, sampling
 
 
+def _mesh(num_rows: int):
+  """The --mesh over every device (None without it); ValueError names a spec the devices or the
+  batch (``num_rows``: the prompts of one batch, or --rows) cannot take."""
+  if not _MESH.value:
+    return None
+  from yocou_jax import aot  # pylint: disable=g-import-not-at-top
+  from yocou_jax import sharding  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import cache  # pylint: disable=g-import-not-at-top
+
+  sizes = aot.parse_mesh(_MESH.value)
+  try:
+    mesh = sharding.make_mesh(sizes)
+  except ValueError as e:
+    raise ValueError(f"--mesh={_MESH.value}: {e}") from None
+  shards = cache.batch_shards(mesh, sharding.LOGICAL_AXIS_RULES)
+  if num_rows % shards:
+    what = f"--rows={num_rows}" if _ROWS.value else f"the number of prompts ({num_rows})"
+    raise ValueError(f"--mesh={_MESH.value} splits the batch {shards} ways (data x fsdp): "
+                     f"{what} must be a multiple of {shards}")
+  return mesh
+
+
+def _load(mesh):
+  """The run of --workdir, its params on ``mesh``; ValueError names the --mesh a model's
+  dimension does not divide."""
+  from yocou_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
+
+  try:
+    return text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value, mesh=mesh)
+  except ConfigError as e:
+    if mesh is None:
+      raise
+    raise ValueError(f"--mesh={_MESH.value}: {e}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -133,7 +180,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   try:
     prompts, sampling = _prompts_and_sampling(sampling_lib)
-    run = text.load_run(_WORKDIR.value, _STEP.value, _ITERATIONS.value)
+    run = _load(_mesh(_ROWS.value or len(prompts)))
   except (ValueError, OSError) as e:  # Bad flags, workdir or checkpoint: one line, no traceback.
     raise SystemExit(f"error: {e}") from None
   if _ROWS.value:
@@ -149,7 +196,7 @@ def main(argv):
     outputs.append((setting.describe(_SEED.value), continuations))
   cfg = run.model_cfg
   print(f"checkpoint step {run.step}: {cfg.arch}, {cfg.num_layers} layers, "
-        f"T={cfg.iterations}, window {cfg.window}")
+        f"T={cfg.iterations}, window {cfg.window}{_on_mesh(run)}")
   for i, prompt in enumerate(prompts):
     print(f"\n--- prompt: {prompt!r}")
     for label, continuations in outputs:

@@ -1,4 +1,7 @@
-"""Which JAX backends a binary initialises: no TPU runtime probing on a host without a TPU.
+"""Which JAX backends a program initialises: no TPU runtime probing on a host without a TPU.
+
+``import yocou_jax`` calls :func:`select` (before the program can start a backend through the
+library), so the library's users and the experiments binaries alike get the quiet start below.
 
 With libtpu installed (the ``tpu`` extra, which ahead-of-time TPU compiles on a CPU host need)
 and ``JAX_PLATFORMS`` unset, JAX initialises every registered backend, and libtpu then probes the

@@ -82,24 +82,51 @@ def test_generate_binary(tmp_path):
       proc.stdout)
 
 
+def test_generate_binary_on_a_mesh_gives_the_tokens_of_one_device(tmp_path):
+  # One batch of 4 prompts on 8 devices (--mesh: the batch over 'data', heads over 'tensor'):
+  # the greedy and the seeded sampled continuations are the library's on one device.
+  workdir = str(tmp_path)
+  ref_lib.write_run(workdir)
+  prompts = ["def f", "x", "import os", "class A:"]
+  (tmp_path / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+  proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}",
+                            f"--prompts_file={tmp_path / 'prompts.txt'}", "--max_new_tokens=5",
+                            "--mesh=data:-1,tensor:2", "--chunk_size=4", "--seed=3",
+                            "--warmup=false", device_count=8, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "window 4 on the mesh {'data': 4, 'fsdp': 1, 'tensor': 2}" in proc.stdout
+  run = text.load_run(workdir)
+  for sampling in (sampling_lib.SamplingConfig(), sampling_lib.SamplingConfig(0.6, 0, 0.9)):
+    want, _ = text.generate(run, prompts, 5, sampling=sampling, seed=3, chunk_size=4,
+                            warmup=False)
+    for prompt, continuation in zip(prompts, want):
+      assert f"[{sampling.describe(seed=3)}]\n{prompt}{continuation}\n" in proc.stdout, (
+          repr(proc.stdout))
+
+
 def test_generate_binary_serves_a_prompts_file(tmp_path):
-  # A JSONL file of prompts with their own budgets through 2 rows (continuous batching), greedy:
-  # each continuation is the library's for that prompt alone; the JSON lines come in order.
+  # A JSONL file of prompts with their own budgets through 4 rows (continuous batching, a
+  # finished request's row reused), greedy, on 8 devices with the params sharded over 'fsdp' and
+  # 'tensor' and the rows over 'data' and 'fsdp': each continuation is the library's for that
+  # prompt alone on one device; the JSON lines come in order.
   workdir = str(tmp_path / "run")
   ref_lib.write_run(workdir)
-  prompts = [("def f", 5), ("x", 2), ("import os\n", 4)]
+  prompts = [("def f", 5), ("x", 2), ("import os\n", 4), ("y = 1", 3), ("for", 2)]
   path = tmp_path / "prompts.jsonl"
   path.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": n}) + "\n"
                           for p, n in prompts) + "\n")
   out = tmp_path / "out.jsonl"
   proc = cpu_env.run_module("experiments.generate", f"--workdir={workdir}",
-                            f"--prompts_file={path}", "--rows=2", "--temperature=0",
-                            "--chunk_size=4", f"--json_out={out}", timeout=300)
+                            f"--prompts_file={path}", "--rows=4", "--temperature=0",
+                            "--chunk_size=4", f"--json_out={out}",
+                            "--mesh=data:2,fsdp:2,tensor:2", device_count=8, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "3 requests through 2 rows" in proc.stdout
+  assert "5 requests through 4 rows on the mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in (
+      proc.stdout)
   run = text.load_run(workdir)
   want = [text.generate(run, [p], n, chunk_size=4, warmup=False)[0][0] for p, n in prompts]
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert records == [{"index": i, "prompt": p, "continuation": c}
                      for i, ((p, _), c) in enumerate(zip(prompts, want))]
-  # Per-request budgets without --rows are refused: tests/reliability/test_bad_inputs.py.
+  # Per-request budgets without --rows, and mesh specs the devices, the model or the rows
+  # cannot take, are refused: tests/reliability/test_bad_inputs.py.

@@ -146,6 +146,22 @@ CASES = [
      "error: step 7 is not in {run}/checkpoints; saved steps: [5, 10]"),
     ("generate", ["--workdir={tmp}", "--prompt=x"],
      "error: no checkpoint in {tmp}: {tmp}/checkpoints does not exist"),
+    ("generate", ["--workdir={run}", "--prompt=x", "--mesh=dp:2"],
+     "error: --mesh item 'dp:2' is invalid: expected AXIS:SIZE with AXIS one of ('data', "
+     "'fsdp', 'tensor')"),
+    ("generate", ["--workdir={run}", "--prompt=x", "--mesh=data:3"],
+     "error: --mesh=data:3: config.mesh sizes {'data': 3, 'fsdp': 1, 'tensor': 1} multiply to "
+     "3, not the 8 devices"),
+    ("generate", ["--workdir={run}", "--prompt=x", "--mesh=tensor:8"],
+     ["error: --mesh=tensor:8: ", "is not divisible by mesh axes ('tensor',) (size 8)"]),
+    ("generate", ["--workdir={run}", "--prompt=x", "--prompt=y", "--prompt=z",
+                  "--mesh=data:-1,tensor:2"],
+     "error: --mesh=data:-1,tensor:2 splits the batch 4 ways (data x fsdp): the number of "
+     "prompts (3) must be a multiple of 4"),
+    ("generate", ["--workdir={run}", "--prompts_file={tmp}/prompts.jsonl", "--rows=2",
+                  "--mesh=fsdp:8"],
+     "error: --mesh=fsdp:8 splits the batch 8 ways (data x fsdp): --rows=2 must be a multiple "
+     "of 8"),
     # --- export --------------------------------------------------------------------------
     ("export", ["--workdir={run}", "--out={tmp}/out", "--step=7"],
      "error: step 7 is not in {run}/checkpoints; saved steps: [5, 10]"),

@@ -74,6 +74,19 @@ class Options:
     return self.decode_kv_block if num_queries == 1 else self.kv_block
 
 
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                    rules=sharding_lib.LOGICAL_AXIS_RULES) -> Params:
+  """NamedShardings of the training param tree on ``mesh`` by its logical names, as the trainer
+  shards it (embed over 'fsdp', heads, MLP and vocab over 'tensor'); a one-line ConfigError
+  names the first dimension its mesh axes do not divide."""
+  model = Model(cfg.replace(attention_impl="xla", remat="none"))  # Neither changes the params.
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  shardings = sharding_lib.logical_sharding(boxed, mesh, rules)
+  sharding_lib.check_divisible(boxed, shardings)
+  return shardings
+
+
 def init_state(cfg: ModelConfig, batch: int, max_len: int) -> DecodeState:
   return DecodeState(cache=cache_lib.init_cache(cfg, batch, max_len),
                      lengths=jnp.zeros((batch,), jnp.int32))

@@ -29,24 +29,32 @@ class Run:
   params: Any
   tokenizer: tokenizers.Tokenizer
   step: int
+  mesh: Optional[jax.sharding.Mesh] = None  # Serve sharded: batch over data, heads over tensor.
 
 
-def load_run(workdir: str, step: Optional[int] = None, num_iterations: int = 0) -> Run:
-  """The latest (or ``step``) checkpoint of ``workdir``; ``num_iterations`` > 0 overrides T."""
+def load_run(workdir: str, step: Optional[int] = None, num_iterations: int = 0,
+             mesh: Optional[jax.sharding.Mesh] = None) -> Run:
+  """The latest (or ``step``) checkpoint of ``workdir``; ``num_iterations`` > 0 overrides T.
+
+  With a ``mesh`` the params are sharded on it as the trainer shards them
+  (:func:`~yocou_jax.inference.engine.param_shardings`) and every generation runs on it.
+  """
   checkpoint = exporter.load_checkpoint(workdir, step)
   trained_cfg = checkpoint.model_cfg
   model_cfg = trained_cfg.replace(num_iterations=num_iterations or trained_cfg.num_iterations)
+  shardings = None if mesh is None else engine_lib.param_shardings(model_cfg, mesh)
   tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, "tokenizer"))
-  params = jax.device_put(checkpoint.params)  # Once, not on every jitted call.
+  params = jax.device_put(checkpoint.params, shardings)  # Once, not on every jitted call.
   return Run(ml_collections.ConfigDict(checkpoint.config), model_cfg, params, tokenizer,
-             checkpoint.step)
+             checkpoint.step, mesh)
 
 
 def _engine(run: Run, chunk_size: Optional[int]) -> engine_lib.Engine:
   """``chunk_size`` defaults to the run's ``config.inference.chunk_size``, else the engine's."""
   if chunk_size is None:
     chunk_size = run.config.get("inference", {}).get("chunk_size", engine_lib.Options.chunk_size)
-  return engine_lib.Engine(run.model_cfg, engine_lib.Options(chunk_size=chunk_size))
+  return engine_lib.Engine(run.model_cfg, engine_lib.Options(chunk_size=chunk_size),
+                           mesh=run.mesh)
 
 
 def _encode(run: Run, prompts: Sequence[str]) -> list[list[int]]:
