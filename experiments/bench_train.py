@@ -59,6 +59,8 @@ _WINDOW = flags.DEFINE_integer("window", 256, "Sliding window of yoco/yocou.")
 _ITERATIONS = flags.DEFINE_integer("num_iterations", 3, "T of yocou.")
 _UNROLL = flags.DEFINE_bool("unroll_loops", True, "yocou's T iterations unrolled in the "
                             "compiled step (config.model.unroll_loops) or one while loop.")
+_UNROLL_LAYERS = flags.DEFINE_bool("unroll_layers", True, "Layer stacks unrolled in the compiled "
+                                   "step (config.model.unroll_layers) or one while loop each.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per arch.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per arch.")
@@ -82,7 +84,8 @@ def bench_config(arch: str):
                       num_heads=_D_MODEL.value // 64, num_kv_heads=_D_MODEL.value // 128,
                       head_dim=64, d_ff=3 * _D_MODEL.value, window=_WINDOW.value,
                       num_iterations=_ITERATIONS.value, dtype=_DTYPE.value,
-                      attention_block_size=128, unroll_loops=_UNROLL.value)
+                      attention_block_size=128, unroll_loops=_UNROLL.value,
+                      unroll_layers=_UNROLL_LAYERS.value)
   config.data.seq_len = _SEQ_LEN.value
   config.train.batch_size = _BATCH.value
   return config
@@ -217,7 +220,8 @@ def main(argv):
             "shape": {"d_model": _D_MODEL.value, "num_layers": _LAYERS.value,
                       "seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value,
                       "window": _WINDOW.value, "num_iterations": _ITERATIONS.value,
-                      "unroll_loops": _UNROLL.value, "dtype": _DTYPE.value}}
+                      "unroll_loops": _UNROLL.value,
+                      "unroll_layers": _UNROLL_LAYERS.value, "dtype": _DTYPE.value}}
   if "yoco" in by_arch and "yocou" in by_arch:
     time_ratio = by_arch["yocou"]["step_time_s"] / by_arch["yoco"]["step_time_s"]
     flops_ratio = (by_arch["yocou"]["train_flops_per_step"]

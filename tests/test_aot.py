@@ -93,6 +93,9 @@ def test_train_flops_basis():
     once = aot.train_flops(cfg.replace(unroll_loops=unroll), 128, 8, 1)["analytic_loops_once"]
     assert once == pytest.approx(3 * 128 * 8 * (by_part["self_decoder"] / trips
                                                  + by_part["cross_decoder"] / 2 + rest))
+  # Unrolled layer stacks count every layer; the T iterations still as above.
+  once = aot.train_flops(cfg.replace(unroll_layers=True), 128, 8, 1)["analytic_loops_once"]
+  assert once == pytest.approx(3 * 128 * 8 * sum(by_part.values()))
 
 
 def test_decode_step_v4_kv_cache():

@@ -33,6 +33,7 @@ def test_every_arch_is_accepted(arch):
     ("dtype", "float16", "yocou", {}),
     ("remat", "some", "yocou", {}),
     ("unroll_loops", "yes", "yocou", {}),
+    ("unroll_layers", 1, "yocou", {}),
     ("attention_impl", "flash", "yocou", {}),
     ("rope_theta", 0.0, "yocou", {}),
     ("loss_chunk_size", -2, "yocou", {}),

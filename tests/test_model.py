@@ -338,3 +338,17 @@ def test_remat_policies_give_the_same_loss_and_gradients(tiny_config, policy):
                                 jax.tree.leaves(grads_remat)):
     np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), atol=1e-6, rtol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_unrolled_layer_stacks_give_the_same_loss_and_gradients(tiny_config):
+  """unroll_layers: the self- and cross-decoder stacks as unrolled copies, same parameters."""
+  cfg = tiny_config("yocou")
+  params = random_params(cfg)
+  batch = single_documents()
+  loss, grads = loss_and_grad_fn(cfg)(params, *batch)
+  loss_unrolled, grads_unrolled = loss_and_grad_fn(cfg.replace(unroll_layers=True))(params, *batch)
+  np.testing.assert_allclose(float(loss_unrolled), float(loss), rtol=1e-6)
+  for (path, g), g_unrolled in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                   jax.tree.leaves(grads_unrolled)):
+    np.testing.assert_allclose(np.asarray(g_unrolled), np.asarray(g), atol=1e-6, rtol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))

@@ -257,12 +257,11 @@ def _trip_count(cfg: ModelConfig, part: accounting.Part) -> int:
   """How many times XLA's cost analysis under-counts a part: its scan trip counts."""
   if not part.attention_layers and part.attention != accounting.GLOBAL_KV:
     return 1  # Embedding, head, final norm: not scanned.
-  # The layer scan always loops; the iteration scan only when it is not unrolled. ParScale's
-  # streams are batch rows, not a loop.
+  # Each scan loops unless it is unrolled. ParScale's streams are batch rows, not a loop.
   iterations = 1 if cfg.unroll_loops or cfg.arch == "parscale" else part.applications
   if part.attention == accounting.GLOBAL_KV:
     return iterations  # Looped only by the upper loop without shared KV.
-  return part.attention_layers * iterations
+  return (1 if cfg.unroll_layers else part.attention_layers) * iterations
 
 
 def train_flops(cfg: ModelConfig, seq_len: int, batch_size: int, microbatches: int,

@@ -53,6 +53,7 @@ class ModelConfig:
   init_std: float = 0.02
   attention_block_size: int = 128
   unroll_loops: bool = True
+  unroll_layers: bool = False  # Layer stacks unrolled in the compiled step (see model.py).
   loss_chunk_size: int = 0  # 0: per backend; -1: materialised logits (see yocou_jax/loss.py).
   ffn_chunk_size: int = 0  # Dense SwiGLU over chunks of this many positions (0: whole rows).
   # Mixture-of-Experts feed-forward (ffn="moe"); see yocou_jax/moe.py.
@@ -194,6 +195,8 @@ class ModelConfig:
       fail("attention_impl", f"allowed: {', '.join(ATTENTION_IMPLS)}")
     if not isinstance(self.unroll_loops, bool):
       fail("unroll_loops", "must be True or False")
+    if not isinstance(self.unroll_layers, bool):
+      fail("unroll_layers", "must be True or False")
     if (not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool)
         or self.loss_chunk_size < -1):
       fail("loss_chunk_size", "must be an integer >= -1 (0: per backend, -1: materialised logits)")

@@ -159,6 +159,9 @@ def _scan_layers(layer_cls, cfg: ModelConfig, num_layers: int, num_broadcast: in
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * num_broadcast,
       length=num_layers // k,
+      # Unrolled, each layer keeps its own residuals (no [layers, ...] stacks in a while loop);
+      # the parameters keep their stacked 'layers' axis either way.
+      unroll=num_layers // k if cfg.unroll_layers else 1,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
 

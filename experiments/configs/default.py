@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # unrolled copies (faster steps: no [T, ...] residual stacking in a while loop); False as one
   # loop (compile time and program size independent of T). The parameters are shared either way.
   m.unroll_loops = True
+  # Every stack of distinct layers compiled as that many unrolled copies (True) or as one loop
+  # (False: compile time and program size independent of depth). The parameters are the same.
+  m.unroll_layers = False
   # Output projection + cross-entropy fused and chunked (yocou_jax/loss.py): positions of every
   # row per chunk, so only [rows, chunk, vocab] logits exist at a time. 0: per backend (256 on
   # TPU/GPU, the whole row on CPU); -1: materialise the [rows, seq_len, vocab] logits.
