@@ -31,6 +31,24 @@ heap does not extrapolate linearly to the 20-layer temporaries (which XLA report
 this heap): the 20-layer compile measured 57.8 -> 48.4 GiB (3.0 GiB a row; the goal of 1.95 a
 row is not reached with full remat).
 
+Where the rest goes (proxies with ``--config.model.num_layers=4`` and ``=8``: 8 and 16 layer
+applications, same widths, rows, sharding and remat; compile_for's temporaries per chip): 16.79
+and 25.06 GiB, so temporaries = 8.5 GiB + 1.03 GiB per layer application (40 at 20 layers:
+49.9 GiB extrapolated, 48.4 measured). Each application costs twice its saved input: 0.5 GiB in
+XLA's buffer-assignment heap (the layer scan's stacked inputs) and 0.5 GiB that the TPU
+compiler reports outside that heap (temporaries minus heap: 5.6 GiB at 8 applications, 9.7 at
+16). The heap's peak at 4 layers (12.35 GiB; ``XLA_FLAGS=--xla_dump_to=DIR``, the
+``*live-range.txt`` file) was in the loss's forward pass: the output projection, sharded along
+D, was gathered inside the chunk loop as a windowed matmul whose float32 partial sums kept three
+[16, 256, 100352] float32 chunks (4.6 GiB) alive; the q and SwiGLU projections had float32
+windowed-matmul accumulators too ([16, 8192, 16, 128], [16, 2048, 5632]: the float32
+accumulation rounded by ``.astype`` is not fused there), and RoPE's autodiff backward kept two
+float32 copies of its cotangent. Gathering the loss projection once per pass, each Projection's
+kernel before its matmul, and RoPE's custom VJP took that peak to 8.60 GiB, the temporaries to
+16.08 GiB (-0.7). So with full remat the layer applications alone (1.03 GiB x 40 = 41 GiB, 2.6
+GiB a row) exceed the goal of 1.95 GiB a row (31.2 GiB for 16 rows): it needs the saved inputs
+out of HBM (``remat=offload``).
+
 The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
 transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
 rins 57.3 (3.6, 59.3): all fit. The default is 4 microbatches with full remat; ``offload``
