@@ -47,7 +47,10 @@ float32 copies of its cotangent. Gathering the loss projection once per pass, ea
 kernel before its matmul, and RoPE's custom VJP took that peak to 8.60 GiB, the temporaries to
 16.08 GiB (-0.7). So with full remat the layer applications alone (1.03 GiB x 40 = 41 GiB, 2.6
 GiB a row) exceed the goal of 1.95 GiB a row (31.2 GiB for 16 rows): it needs the saved inputs
-out of HBM (``remat=offload``).
+out of HBM (``remat=offload``). With ``--config.model.remat=offload`` the same proxies give 22.79
+GiB (4 layers: the backward's peak holds all 8 inputs prefetched back from the host, 0.5 GiB
+each) and 16.60 GiB (8 layers, 1.04 GiB a row): the temporaries no longer grow with depth, and
+how many inputs the compiler prefetches at once decides them.
 
 The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
 transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
