@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from yocou_jax.layers import Projection, SwiGLU
+from yocou_jax.layers import Projection, SwiGLU, apply_rope
 from yocou_jax.model import Model
 from yocou_jax.train import step as step_lib
 
@@ -41,6 +41,39 @@ def test_projection_matches_float64_and_keeps_the_compute_dtype(tiny_config, in_
   k16 = np.asarray(jnp.asarray(kernel, jnp.bfloat16), np.float64)
   want16 = np.asarray(jnp.asarray(np.tensordot(x16, k16, axes=in_axes), jnp.bfloat16), np.float64)
   np.testing.assert_allclose(np.asarray(got16, np.float64), want16, rtol=2 ** -7)
+
+
+def _rotate_reference(x, positions, theta, sign):
+  """Rotate-half RoPE by ``sign`` x the angles, float64 numpy."""
+  d = x.shape[-1]
+  angles = positions[..., None] / theta ** (np.arange(0, d, 2) / d)
+  cos, sin = np.cos(angles)[:, :, None], sign * np.sin(angles)[:, :, None]
+  x1, x2 = x[..., :d // 2], x[..., d // 2:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_rope_and_its_gradient_match_float64():
+  """RoPE is the float64 rotation; its gradient (custom VJP) the inverse rotation of the
+  cotangent, float32 to 1e-6; bfloat16 in and out, cotangent included."""
+  rng = np.random.default_rng(2)
+  x, cotangent = rng.normal(size=(2, 9, 3, 16)), rng.normal(size=(2, 9, 3, 16))
+  positions = rng.integers(0, 300, size=(2, 9))  # float32 angles: about 1e-7 x position.
+  theta = 10000.0
+
+  @jax.jit
+  def rope_and_vjp(x, cotangent):
+    out, vjp = jax.vjp(lambda x: apply_rope(x, jnp.asarray(positions, jnp.int32), theta), x)
+    return out, vjp(cotangent)[0]
+
+  out, grad = rope_and_vjp(jnp.asarray(x, jnp.float32), jnp.asarray(cotangent, jnp.float32))
+  np.testing.assert_allclose(np.asarray(out), _rotate_reference(x, positions, theta, 1.0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), _rotate_reference(cotangent, positions, theta, -1.0),
+                             rtol=1e-5, atol=1e-5)
+  out16, grad16 = rope_and_vjp(jnp.asarray(x, jnp.bfloat16), jnp.asarray(cotangent, jnp.bfloat16))
+  assert out16.dtype == grad16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(grad16, np.float64), np.asarray(grad), rtol=2 ** -6,
+                             atol=2 ** -6)
 
 
 @pytest.mark.parametrize("chunk", [4, 5])  # 5 does not divide 16: whole rows.

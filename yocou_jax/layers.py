@@ -6,6 +6,7 @@ happens in the configured activation dtype, with norms and RoPE in float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -42,16 +43,43 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x_BxNxHxD: Array, positions_BxN: Array, theta: float) -> Array:
-  """Rotate-half RoPE (the Llama / Hugging Face convention): pairs (i, i + D/2) rotate together."""
+  """Rotate-half RoPE (the Llama / Hugging Face convention): pairs (i, i + D/2) rotate together.
+
+  Computed in float32 (at least) and returned in the dtype of ``x``. The gradient is the inverse
+  rotation of the cotangent, computed the same way (a custom VJP): autodiff's transpose of the
+  halves and their concatenation made the TPU compiler keep float32 copies of the cotangent
+  (two [B, N, H, D] float32 buffers a layer) where this is one fused elementwise pass.
+  """
+  return _rope(x_BxNxHxD, positions_BxN, theta)
+
+
+def _rotate(x_BxNxHxD: Array, positions_BxN: Array, theta: float, sign: float) -> Array:
+  """Rotates every pair (i, i + D/2) by ``sign`` x its RoPE angle."""
   d = x_BxNxHxD.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angles_BxNxF = positions_BxN.astype(jnp.float32)[..., None] * inv_freq
   cos = jnp.cos(angles_BxNxF)[:, :, None, :]
-  sin = jnp.sin(angles_BxNxF)[:, :, None, :]
+  sin = sign * jnp.sin(angles_BxNxF)[:, :, None, :]
   x = x_BxNxHxD.astype(jnp.promote_types(x_BxNxHxD.dtype, jnp.float32))
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxNxHxD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rope(x_BxNxHxD: Array, positions_BxN: Array, theta: float) -> Array:
+  return _rotate(x_BxNxHxD, positions_BxN, theta, 1.0)
+
+
+def _rope_fwd(x_BxNxHxD, positions_BxN, theta):
+  return _rotate(x_BxNxHxD, positions_BxN, theta, 1.0), positions_BxN
+
+
+def _rope_bwd(theta, positions_BxN, g_BxNxHxD):
+  return _rotate(g_BxNxHxD, positions_BxN, theta, -1.0), None
+
+
+_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 class Projection(nn.Module):
@@ -72,10 +100,14 @@ class Projection(nn.Module):
                         jnp.float32)
     dtype = self.cfg.compute_dtype
     contract = tuple(range(x.ndim - self.in_axes, x.ndim))
-    # Accumulated in float32 and rounded once to the compute dtype. Accelerators fuse the rounding
-    # into the matmul, so a bfloat16 model keeps no float32 [tokens, d_ff] buffers; XLA:CPU has no
-    # fast bfloat16-output matmul (asking for one made every bfloat16 compile and step slower).
-    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+    # The kernel whole along 'embed' (FSDP all-gathers it in the compute dtype) before the matmul:
+    # left sharded along a contracted dim, the partitioner runs a windowed matmul whose float32
+    # partial sums are a full-size float32 output. So the float32 accumulation is rounded once to
+    # the compute dtype inside the matmul and a bfloat16 model keeps no float32 [tokens, d_ff]
+    # buffers. (XLA:CPU has no fast bfloat16-output matmul: asking for one made every bfloat16
+    # compile and step slower.)
+    kernel = activation(kernel.astype(dtype), *(None if a == "embed" else a for a in self.axes))
+    y = jax.lax.dot_general(x.astype(dtype), kernel,
                             ((contract, tuple(range(self.in_axes))), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.astype(dtype)

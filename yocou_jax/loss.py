@@ -142,6 +142,15 @@ def _from_chunks(x_KxBxC: Array) -> Array:
   return jnp.moveaxis(x_KxBxC, 0, 1).reshape(x_KxBxC.shape[1], -1)
 
 
+def _gathered(w_DxV: Array) -> Array:
+  """The projection whole along D (FSDP all-gathers it once per pass, outside the chunk loop).
+
+  Left sharded, the partitioner gathers it inside the loop, once per chunk, as a windowed
+  matmul whose partial sums keep two more float32 chunks of logits alive.
+  """
+  return activation(w_DxV, None, "activation_vocab")
+
+
 def _chunk_logits(h_BxCxD: Array, w_DxV: Array) -> Array:
   h_BxCxD = activation(h_BxCxD, "activation_batch", "activation_length", "activation_embed")
   logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
@@ -156,6 +165,7 @@ def _is_target(logits_BxCxV: Array, targets_BxC: Array) -> Array:
 
 def _chunked_stats(h_BxNxD: Array, w_DxV: Array, targets_BxN: Array, chunk: int):
   """(log Z, target logit, max logit) per token, [B, N] float32 each; N a multiple of chunk."""
+  w_DxV = _gathered(w_DxV)
 
   def body(_, xs):
     h_BxCxD, targets_BxC = xs
@@ -184,6 +194,7 @@ def _token_cross_entropy_bwd(chunk, residuals, cotangents):
   """d logits = (g_ce + g_logz) * softmax - g_ce * onehot(target), one chunk at a time."""
   h_BxNxD, w_DxV, targets_BxN, log_z_BxN = residuals
   g_ce_BxN, g_log_z_BxN = cotangents
+  w_DxV = _gathered(w_DxV)
 
   def body(dw_DxV, xs):
     h_BxCxD, targets_BxC, log_z_BxC, g_ce, g_log_z = xs

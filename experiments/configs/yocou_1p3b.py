@@ -18,6 +18,9 @@ Memory on a v5p-8 (``python -m experiments.compile_for --config=experiments/conf
   4             offload  fused (256 / chunk)  43.2 GiB     2.7 GiB  45.2    fits (48%)
   4             full     fused, bfloat16 projections, SwiGLU in 2048-position chunks:
                                               48.4 GiB     3.0 GiB  50.3    fits (53%)
+  4             offload  fused, projection kernels and the loss projection gathered before
+                         their matmuls, RoPE custom VJP, SwiGLU chunks (compile 466 s):
+                                              21.88 GiB    1.37 GiB 23.91   fits (25%)
 
 Per row of 8192 tokens, what a chip holds besides each layer application's saved input (one
 [16, 8192, 2048] bfloat16 per application, 0.5 GiB for 16 rows) is the working set of one layer's
@@ -30,6 +33,29 @@ num_layers=4``, same widths and rows; XLA's buffer-assignment heap per chip) the
 heap does not extrapolate linearly to the 20-layer temporaries (which XLA reports apart from
 this heap): the 20-layer compile measured 57.8 -> 48.4 GiB (3.0 GiB a row; the goal of 1.95 a
 row is not reached with full remat).
+
+Where the rest goes (proxies with ``--config.model.num_layers=4`` and ``=8``: 8 and 16 layer
+applications, same widths, rows, sharding and remat; compile_for's temporaries per chip): 16.79
+and 25.06 GiB, so temporaries = 8.5 GiB + 1.03 GiB per layer application (40 at 20 layers:
+49.9 GiB extrapolated, 48.4 measured). Each application costs twice its saved input: 0.5 GiB in
+XLA's buffer-assignment heap (the layer scan's stacked inputs) and 0.5 GiB that the TPU
+compiler reports outside that heap (temporaries minus heap: 5.6 GiB at 8 applications, 9.7 at
+16). The heap's peak at 4 layers (12.35 GiB; ``XLA_FLAGS=--xla_dump_to=DIR``, the
+``*live-range.txt`` file) was in the loss's forward pass: the output projection, sharded along
+D, was gathered inside the chunk loop as a windowed matmul whose float32 partial sums kept three
+[16, 256, 100352] float32 chunks (4.6 GiB) alive; the q and SwiGLU projections had float32
+windowed-matmul accumulators too ([16, 8192, 16, 128], [16, 2048, 5632]: the float32
+accumulation rounded by ``.astype`` is not fused there), and RoPE's autodiff backward kept two
+float32 copies of its cotangent. Gathering the loss projection once per pass, each Projection's
+kernel before its matmul, and RoPE's custom VJP took that peak to 8.60 GiB, the temporaries to
+16.08 GiB (-0.7). So with full remat the layer applications alone (1.03 GiB x 40 = 41 GiB, 2.6
+GiB a row) exceed the goal of 1.95 GiB a row (31.2 GiB for 16 rows): it needs the saved inputs
+out of HBM (``remat=offload``). With ``--config.model.remat=offload`` the same proxies give 22.79
+GiB (4 layers: the backward's peak holds all 8 inputs prefetched back from the host, 0.5 GiB
+each) and 16.60 GiB (8 layers, 1.04 GiB a row): the temporaries no longer grow with depth, and
+how many inputs the compiler prefetches at once decides them. The 20-layer compile with
+``--config.model.remat=offload`` (table) holds 1.37 GiB a row: 5.7x less than with the
+materialised logits, within the goal of 1.95.
 
 The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
 transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
