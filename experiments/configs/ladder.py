@@ -70,9 +70,9 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
                                 + 3 * d_model * swiglu_width(d_model))
   batch_rows = 512  # 4M tokens per step, as in the paper.
   steps = max(1000, TOKENS_PER_PARAM * non_embedding // (batch_rows * 8192))
-  # 4 microbatches of 128 rows: a v5p-8 holds 16 rows of 8192 per chip per pass with full remat
-  # and the fused loss (s4 yocou: 57.8 GiB of temporaries, 59.7 of 95 GiB in all; with the
-  # materialised [rows, 8192, 100352] logits it needed 16 microbatches). Check a slice with
+  # 4 microbatches of 128 rows: a v5p-8 holds 16 rows of 8192 per chip per pass with the fused
+  # loss (s4 yocou: 48.4 GiB of temporaries with full remat, 21.9 with the TPU default offload;
+  # with the materialised [rows, 8192, 100352] logits it needed 16 microbatches). Check a slice with
   # python -m experiments.compile_for; larger slices hold the same rows per chip in fewer passes.
   config.train.update(batch_size=batch_rows, steps=steps, learning_rate=1e-3, b1=0.9, b2=0.95,
                       warmup_steps=375, schedule="linear", min_lr_ratio=0.0, weight_decay=0.05,
@@ -84,6 +84,12 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
   if platform == "tpu":
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.model.attention_impl = "auto"  # Pallas (TPU) / best GPU kernel; see kernels/ops.py.
+    if d_model >= 2048:
+      # Each layer application's saved input in pinned host memory instead of HBM: s4 yocou on a
+      # v5p-8 at 4 microbatches holds 1.37 GiB a row of 8192 tokens instead of 3.0 with full
+      # remat (21.9 GiB of temporaries a chip instead of 48.4; yocou_1p3b.py). Smaller rungs fit
+      # with full remat and skip the host round trips.
+      config.model.remat = "offload"
   elif platform == "gpu":
     config.mesh.update(data=-1, fsdp=8, tensor=1)
     config.model.attention_impl = "auto"  # Pallas (TPU) / best GPU kernel; see kernels/ops.py.

@@ -59,9 +59,10 @@ materialised logits, within the goal of 1.95.
 
 The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
 transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
-rins 57.3 (3.6, 59.3): all fit. The default is 4 microbatches with full remat; ``offload``
-keeps each layer's input in host memory (14.6 GiB less HBM for yocou) at the cost of moving
-them to the host and back every microbatch.
+rins 57.3 (3.6, 59.3): all fit (figures from before this config's last changes). The default
+is 4 microbatches with ``remat=offload`` (the TPU rungs from s4 up): each layer's input is kept in
+host memory (26.5 GiB less HBM for yocou than full remat) at the cost of moving it to the host
+and back every microbatch; ``--config.model.remat=full`` keeps it in HBM (48.4 GiB, fits).
 
 This is rung ``s4`` of ``ladder.py`` on TPU (full FSDP). Switch arch with ``--config.model.arch``;
 ``num_iterations`` is the T of every looped arch (the paper's looped Transformer loops twice:
