@@ -326,29 +326,19 @@ def test_adamw_memorises_a_fixed_batch(tiny_config, arch):
   assert_adamw_memorises_a_fixed_batch(tiny_config(arch))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "offload"])
-def test_remat_policies_give_the_same_loss_and_gradients(tiny_config, policy):
+@pytest.mark.parametrize("overrides", [
+    *(dict(remat=policy) for policy in ("full", "dots", "dots_no_batch", "offload")),
+    dict(unroll_layers=True),  # The self- and cross-decoder stacks as unrolled copies.
+], ids=lambda overrides: "-".join(f"{k}={v}" for k, v in overrides.items()))
+def test_compile_choices_give_the_same_loss_and_gradients(tiny_config, overrides):
+  """Rematerialisation policies and unrolled layer stacks: same parameters, loss, gradients."""
   cfg = tiny_config("yocou")
   params = random_params(cfg)
   batch = single_documents()
   loss, grads = loss_and_grad_fn(cfg)(params, *batch)
-  loss_remat, grads_remat = loss_and_grad_fn(cfg.replace(remat=policy))(params, *batch)
-  np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
-  for (path, g), g_remat in zip(jax.tree_util.tree_leaves_with_path(grads),
-                                jax.tree.leaves(grads_remat)):
-    np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), atol=1e-6, rtol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
-
-
-def test_unrolled_layer_stacks_give_the_same_loss_and_gradients(tiny_config):
-  """unroll_layers: the self- and cross-decoder stacks as unrolled copies, same parameters."""
-  cfg = tiny_config("yocou")
-  params = random_params(cfg)
-  batch = single_documents()
-  loss, grads = loss_and_grad_fn(cfg)(params, *batch)
-  loss_unrolled, grads_unrolled = loss_and_grad_fn(cfg.replace(unroll_layers=True))(params, *batch)
-  np.testing.assert_allclose(float(loss_unrolled), float(loss), rtol=1e-6)
-  for (path, g), g_unrolled in zip(jax.tree_util.tree_leaves_with_path(grads),
-                                   jax.tree.leaves(grads_unrolled)):
-    np.testing.assert_allclose(np.asarray(g_unrolled), np.asarray(g), atol=1e-6, rtol=1e-6,
+  loss_variant, grads_variant = loss_and_grad_fn(cfg.replace(**overrides))(params, *batch)
+  np.testing.assert_allclose(float(loss_variant), float(loss), rtol=1e-6)
+  for (path, g), g_variant in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                  jax.tree.leaves(grads_variant)):
+    np.testing.assert_allclose(np.asarray(g_variant), np.asarray(g), atol=1e-6, rtol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
