@@ -70,7 +70,7 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
                                 + 3 * d_model * swiglu_width(d_model))
   batch_rows = 512  # 4M tokens per step, as in the paper.
   steps = max(1000, TOKENS_PER_PARAM * non_embedding // (batch_rows * 8192))
-  # 4 microbatches of 128 rows: a v5p-8 holds 16 rows of 8192 per chip per pass with the fused
+  # 4 microbatches of 128 rows (TPU rungs from s4 up: 2, below): a v5p-8 holds 16 rows of 8192 per chip per pass with the fused
   # loss (s4 yocou: 48.4 GiB of temporaries with full remat, 21.9 with the TPU default offload;
   # with the materialised [rows, 8192, 100352] logits it needed 16 microbatches). Check a slice with
   # python -m experiments.compile_for; larger slices hold the same rows per chip in fewer passes.
@@ -87,9 +87,12 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
     if d_model >= 2048:
       # Each layer application's saved input in pinned host memory instead of HBM: s4 yocou on a
       # v5p-8 at 4 microbatches holds 1.37 GiB a row of 8192 tokens instead of 3.0 with full
-      # remat (21.9 GiB of temporaries a chip instead of 48.4; yocou_1p3b.py). Smaller rungs fit
-      # with full remat and skip the host round trips.
+      # remat (21.9 GiB of temporaries a chip instead of 48.4; yocou_1p3b.py), so 2 microbatches
+      # of 256 rows fit (yocou 41.5 GiB a chip in all, rins 40.1; 1 microbatch: yocou 81.5 of 95,
+      # too little headroom for the heavier archs). Smaller rungs fit with full remat at 4 and
+      # skip the host round trips.
       config.model.remat = "offload"
+      config.train.microbatches = 2
   elif platform == "gpu":
     config.mesh.update(data=-1, fsdp=8, tensor=1)
     config.model.attention_impl = "auto"  # Pallas (TPU) / best GPU kernel; see kernels/ops.py.

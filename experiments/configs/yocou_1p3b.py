@@ -60,7 +60,9 @@ materialised logits, within the goal of 1.95.
 The other archs at 4 microbatches, full remat, fused loss (``--config.model.arch=...``):
 transformer 37.2 GiB of temporaries (2.3 GiB a row, 39.1 GiB in all), yoco 37.8 (2.4, 39.7),
 rins 57.3 (3.6, 59.3): all fit (figures from before this config's last changes). The default
-is 4 microbatches with ``remat=offload`` (the TPU rungs from s4 up): each layer's input is kept in
+is 2 microbatches with ``remat=offload`` (the TPU rungs from s4 up; 2 microbatches: yocou 39.49
+GiB of temporaries, 1.23 GiB a row, 41.53 GiB in all, 44%; rins 38.01, 40.09 in all; 1
+microbatch: yocou 79.58, 81.51 in all, 86%): each layer's input is kept in
 host memory (26.5 GiB less HBM for yocou than full remat) at the cost of moving it to the host
 and back every microbatch; ``--config.model.remat=full`` keeps it in HBM (48.4 GiB, fits).
 
