@@ -97,6 +97,18 @@ def logical_sharding(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES,
+                    seq_len: int = 1) -> Any:
+  """NamedShardings of ``model``'s params on ``mesh`` by their logical names, from shapes only
+  (``model.init`` on ``[1, seq_len]`` tokens under ``jax.eval_shape``); a one-line error names
+  the first dimension its mesh axes do not divide."""
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, seq_len), "int32"))["params"])
+  shardings = logical_sharding(boxed, mesh, rules)
+  check_divisible(boxed, shardings)
+  return shardings
+
+
 def check_divisible(abstract_tree: Any, shardings: Any) -> None:
   """Raises a one-line error for the first array dimension its mesh axes do not divide."""
   is_boxed = lambda x: isinstance(x, nn.Partitioned)  # pylint: disable=unnecessary-lambda-assignment

@@ -52,11 +52,8 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   Adam's moments take the sharding of the parameter they belong to; scalars are replicated.
   Raises a one-line ValueError when a parameter dimension is not divisible by its mesh axes.
   """
-  rng = jax.random.key(0)
-  boxed = jax.eval_shape(lambda r: model.init(r, dummy_tokens(1, seq_len))["params"], rng)
-  param_shardings = sharding_lib.logical_sharding(boxed, mesh, rules)
-  sharding_lib.check_divisible(boxed, param_shardings)
-  abstract = jax.eval_shape(init_state_fn(model, tx, seq_len), rng)
+  param_shardings = sharding_lib.param_shardings(model, mesh, rules, seq_len)
+  abstract = jax.eval_shape(init_state_fn(model, tx, seq_len), jax.random.key(0))
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract.opt_state, param_shardings,
