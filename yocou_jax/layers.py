@@ -7,6 +7,7 @@ happens in the configured activation dtype, with norms and RoPE in float32.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -99,7 +100,6 @@ class Projection(nn.Module):
     kernel = self.param("kernel", param_init(self.cfg, self.axes), (*in_shape, *self.out_shape),
                         jnp.float32)
     dtype = self.cfg.compute_dtype
-    contract = tuple(range(x.ndim - self.in_axes, x.ndim))
     # The kernel whole along 'embed' (FSDP all-gathers it in the compute dtype) before the matmul:
     # left sharded along a contracted dim, the partitioner runs a windowed matmul whose float32
     # partial sums are a full-size float32 output. So the float32 accumulation is rounded once to
@@ -107,10 +107,47 @@ class Projection(nn.Module):
     # buffers. (XLA:CPU has no fast bfloat16-output matmul: asking for one made every bfloat16
     # compile and step slower.)
     kernel = activation(kernel.astype(dtype), *(None if a == "embed" else a for a in self.axes))
-    y = jax.lax.dot_general(x.astype(dtype), kernel,
-                            ((contract, tuple(range(self.in_axes))), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return _project(x.astype(dtype), kernel, self.in_axes).astype(dtype)
+
+
+def _contract(x: Array, kernel: Array, in_axes: int) -> Array:
+  """x[..., in] . kernel[in, out] -> [..., out], accumulated (and returned) in float32."""
+  contract = tuple(range(x.ndim - in_axes, x.ndim))
+  return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_axes))), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: Array, kernel: Array, in_axes: int) -> Array:
+  """:func:`_contract` whose kernel gradient is one 2-D matmul over all the rows.
+
+  Autodiff writes the kernel gradient as a contraction over the leading [B, N] dims of the
+  output cotangent and the input. XLA lowers a contraction over two dims by first transposing
+  one operand (on CPU the larger one, the [tokens, d_ff] cotangent of the SwiGLU projections,
+  with the SwiGLU backward fused into that strided copy: a quarter of a training step). Here
+  both are flattened to [rows, features] (free: the rows are the leading, contiguous dims) and
+  contracted over the rows, which every backend's matmul takes without a copy.
+  """
+  return _contract(x, kernel, in_axes)
+
+
+def _project_fwd(x, kernel, in_axes):
+  return _contract(x, kernel, in_axes), (x, kernel)
+
+
+def _project_bwd(in_axes, residuals, g):
+  x, kernel = residuals
+  g = g.astype(x.dtype)  # The cotangent of the compute-dtype output: exact in x's dtype.
+  out_dims = tuple(range(in_axes, kernel.ndim))
+  dx = jax.lax.dot_general(g, kernel, ((tuple(range(g.ndim - len(out_dims), g.ndim)), out_dims),
+                                       ((), ())), preferred_element_type=jnp.float32)
+  dk = jax.lax.dot_general(x.reshape(-1, math.prod(kernel.shape[:in_axes])),
+                           g.reshape(-1, math.prod(kernel.shape[in_axes:])),
+                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
 
 
 class SwiGLU(nn.Module):
