@@ -144,7 +144,7 @@ def _mesh(num_rows: int):
 
   sizes = aot.parse_mesh(_MESH.value)
   try:
-    mesh = sharding.make_mesh(sizes)
+    mesh = sharding.make_mesh(sizes, name="mesh")
   except ValueError as e:
     raise ValueError(f"--mesh={_MESH.value}: {e}") from None
   shards = cache.batch_shards(mesh, sharding.LOGICAL_AXIS_RULES)

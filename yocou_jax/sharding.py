@@ -52,32 +52,37 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-  """(data, fsdp, tensor) sizes from config; at most one may be -1, meaning "the rest"."""
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int,
+                       name: str = "config.mesh") -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes from config; at most one may be -1, meaning "the rest".
+
+  ``name`` is what errors call the sizes (``config.mesh``, or a binary's flag).
+  """
   shape = [int(sizes[a]) for a in MESH_AXES]
   free = [i for i, s in enumerate(shape) if s == -1]
   for axis, s in zip(MESH_AXES, shape):
     if s == 0 or s < -1:
-      raise ConfigError(f"config.mesh.{axis}={s} is invalid: must be a positive size or -1")
+      raise ConfigError(f"{name}.{axis}={s} is invalid: must be a positive size or -1")
   if len(free) > 1:
-    raise ConfigError(f"config.mesh has -1 for {[MESH_AXES[i] for i in free]}: at most one axis "
+    raise ConfigError(f"{name} has -1 for {[MESH_AXES[i] for i in free]}: at most one axis "
                      "may be -1")
   known = math.prod(s for s in shape if s != -1)
   if free:
     if num_devices % known:
-      raise ConfigError(f"config.mesh sizes {dict(zip(MESH_AXES, shape))} do not divide the "
+      raise ConfigError(f"{name} sizes {dict(zip(MESH_AXES, shape))} do not divide the "
                        f"{num_devices} devices")
     shape[free[0]] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ConfigError(f"config.mesh sizes {dict(zip(MESH_AXES, shape))} multiply to "
+    raise ConfigError(f"{name} sizes {dict(zip(MESH_AXES, shape))} multiply to "
                      f"{math.prod(shape)}, not the {num_devices} devices")
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              name: str = "config.mesh") -> Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes (GSPMD propagation of logical shardings)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(sizes, len(devices))
+  shape = resolve_mesh_shape(sizes, len(devices), name)
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if devices == list(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
@@ -125,7 +130,7 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
       if dim % size:
         name = jax.tree_util.keystr(path)
         raise ConfigError(f"{name} dimension {dim} is not divisible by mesh axes {axes} "
-                         f"(size {size}); change config.mesh or the model sizes")
+                         f"(size {size}); change the mesh or the model sizes")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

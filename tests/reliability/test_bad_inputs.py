@@ -150,7 +150,7 @@ CASES = [
      "error: --mesh item 'dp:2' is invalid: expected AXIS:SIZE with AXIS one of ('data', "
      "'fsdp', 'tensor')"),
     ("generate", ["--workdir={run}", "--prompt=x", "--mesh=data:3"],
-     "error: --mesh=data:3: config.mesh sizes {'data': 3, 'fsdp': 1, 'tensor': 1} multiply to "
+     "error: --mesh=data:3: mesh sizes {'data': 3, 'fsdp': 1, 'tensor': 1} multiply to "
      "3, not the 8 devices"),
     ("generate", ["--workdir={run}", "--prompt=x", "--mesh=tensor:8"],
      ["error: --mesh=tensor:8: ", "is not divisible by mesh axes ('tensor',) (size 8)"]),
