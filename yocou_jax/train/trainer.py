@@ -285,16 +285,10 @@ def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step
 
 
 def _make_data(config, workdir: str, process_index: int, process_count: int, is_chief: bool):
-  """The configured grain pipeline and tokenizer; the tokenizer is saved into the workdir."""
-  from yocou_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+  """The configured grain pipeline and the run's tokenizer (saved in, or read from, the workdir)."""
+  from yocou_jax.data import pipeline, run_tokenizer  # pylint: disable=g-import-not-at-top
 
-  tokenizer_dir = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
-    tokenizer = tokenizers.tokenizer_from_directory(tokenizer_dir)
-  else:
-    tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
-    if is_chief:
-      tokenizer.save(tokenizer_dir)
+  tokenizer = run_tokenizer.prepare(config.data, workdir, write=is_chief)
   train_iter = pipeline.make_train_iterator(
       config.data, tokenizer, global_batch_size=config.train.batch_size, seed=config.seed,
       process_index=process_index, process_count=process_count)
