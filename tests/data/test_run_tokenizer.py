@@ -190,6 +190,17 @@ def test_two_processes_agree_and_a_differing_one_stops_both(data_config, referen
   assert os.listdir(tmp_path / "other0") == []  # Process 0 saved nothing.
 
 
+def test_a_refused_tokenizer_is_not_saved(data_config, tmp_path):
+  """A check that refuses the new tokenizer (a fine-tuning source's differs) keeps nothing."""
+
+  def refuse(tokenizer):
+    raise ValueError(f"refused {tokenizer.vocab_size}")
+
+  with pytest.raises(ValueError, match=f"refused {VOCAB_SIZE}"):
+    run_tokenizer.prepare(data_config, str(tmp_path), write=True, check=refuse)
+  assert os.listdir(tmp_path) == []
+
+
 def test_sample_is_the_first_documents_up_to_the_byte_bound():
   texts = ["abc", "", "dé", "xyz", "never"]
   assert run_tokenizer._first_bytes(texts, 100) == ["abc", "dé", "xyz", "never"]

@@ -25,7 +25,7 @@ line instead of training on batches the processes tokenized differently.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 import hashlib
 import os
 import tempfile
@@ -151,7 +151,9 @@ def check_same_everywhere(digest: bytes) -> None:
                      f"config.data.tokenizer and training data")
 
 
-def prepare(data_config: Any, workdir: str, *, write: bool) -> tokenizers.Tokenizer:
+def prepare(data_config: Any, workdir: str, *, write: bool,
+            check: Callable[[tokenizers.Tokenizer], None] = lambda tokenizer: None
+            ) -> tokenizers.Tokenizer:
   """The run's tokenizer: the one saved in `workdir`, else made from `config.data.tokenizer`.
 
   Args:
@@ -160,6 +162,8 @@ def prepare(data_config: Any, workdir: str, *, write: bool) -> tokenizers.Tokeni
     write: save a newly made tokenizer into `WORKDIR/tokenizer` (process 0); other processes
       make the same one in a scratch directory. Nothing is saved unless every process made the
       same tokenizer.
+    check: raises if the run cannot use a newly made tokenizer (its model's vocabulary, a
+      fine-tuning source's tokenizer); called before it is saved, so a refused one is not kept.
 
   Returns:
     The tokenizer, read back from its saved files.
@@ -171,10 +175,15 @@ def prepare(data_config: Any, workdir: str, *, write: bool) -> tokenizers.Tokeni
   if write:
     directory = os.path.join(workdir, TOKENIZER_DIR)
     with files.atomic_directory(directory) as scratch:
-      make_tokenizer(data_config, scratch)
-      check_same_everywhere(fingerprint(scratch))
+      check(_make_and_compare(data_config, scratch))
     return tokenizers.tokenizer_from_directory(directory)
   with tempfile.TemporaryDirectory(prefix="yocou_tokenizer_") as scratch:
-    make_tokenizer(data_config, scratch)
-    check_same_everywhere(fingerprint(scratch))
-    return tokenizers.tokenizer_from_directory(scratch)
+    tokenizer = _make_and_compare(data_config, scratch)
+    check(tokenizer)
+    return tokenizer
+
+
+def _make_and_compare(data_config: Any, directory: str) -> tokenizers.Tokenizer:
+  make_tokenizer(data_config, directory)
+  check_same_everywhere(fingerprint(directory))
+  return tokenizers.tokenizer_from_directory(directory)
