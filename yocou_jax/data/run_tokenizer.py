@@ -49,20 +49,19 @@ def saved_tokenizer_dir(workdir: str) -> str | None:
   return directory if os.path.isfile(os.path.join(directory, tokenizers.CONFIG_FILENAME)) else None
 
 
-def _first_bytes(texts: Iterable[str], max_bytes: float) -> list[str]:
+def _first_bytes(texts: Iterable[str], max_bytes: int) -> list[str]:
   """The non-empty `texts` in order up to `max_bytes` of UTF-8; the last one cut to fit."""
   sample, size = [], 0
   for text in texts:
     if size >= max_bytes:
       break
     data = text.encode("utf-8", errors="replace")
-    if not data:
-      continue
     if size + len(data) > max_bytes:
-      data = data[:int(max_bytes) - size]
+      data = data[:max_bytes - size]
       text = data.decode("utf-8", errors="ignore")  # A character cut in two is dropped.
-    sample.append(text)
-    size += len(data)
+    if text:
+      sample.append(text)
+      size += len(data)
   return sample
 
 
@@ -84,22 +83,21 @@ def training_sample(data_config: Any, max_bytes: int = SAMPLE_BYTES) -> list[str
 
   With `config.data.sources`, each training source gives `max_bytes * weight / total weight`.
   """
-  if data_config.get("sources"):
+  try:
+    if not data_config.get("sources"):
+      return _first_bytes(corpora.iterate_texts(
+          data_config.tfds_name, data_config.tfds_data_dir, data_config.train_split,
+          data_config.text_glob, data_config.text_key), max_bytes)
     from yocou_jax.data import mixture  # pylint: disable=g-import-not-at-top
 
     specs = mixture.train_sources(data_config)
     total = sum(spec.weight for spec in specs)
     return [text for spec in specs
             for text in _first_bytes(_source_texts(spec, data_config),
-                                     max_bytes * spec.weight / total)]
-  texts = corpora.iterate_texts(data_config.tfds_name, data_config.tfds_data_dir,
-                                data_config.train_split, data_config.text_glob,
-                                data_config.text_key)
-  try:
-    return _first_bytes(texts, max_bytes)
-  except KeyError as e:
-    raise ValueError(f"the training split of {data_config.tfds_name} has no feature "
-                     f"text_key={data_config.text_key!r}") from e
+                                     int(max_bytes * spec.weight / total))]
+  except KeyError as e:  # A record without the text feature.
+    raise ValueError(f"a training record has no feature {e} (config.data.text_key="
+                     f"{data_config.text_key!r}, or a source's text_key)") from e
 
 
 def make_tokenizer(data_config: Any, out_dir: str) -> None:
