@@ -86,7 +86,8 @@ def bench_config(arch: str):
                       num_iterations=_ITERATIONS.value, dtype=_DTYPE.value,
                       attention_block_size=128, unroll_loops=_UNROLL.value,
                       unroll_layers=_UNROLL_LAYERS.value)
-  config.data.seq_len = _SEQ_LEN.value
+  config.model.vocab_size = 384  # The byte tokenizer's 259 ids (the figures in BUILD.md).
+  config.data.update(seq_len=_SEQ_LEN.value, tokenizer="byte")
   config.train.batch_size = _BATCH.value
   return config
 

@@ -28,7 +28,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 120, "Final samples' length (0: none).")
-_SAMPLE_PROMPT = flags.DEFINE_string("sample_prompt", "def ", "Prompt of the final samples.")
+_SAMPLE_PROMPT = flags.DEFINE_string(
+    "sample_prompt", "def", "Prompt of the final samples (no trailing space: a BPE such as the "
+    "default's starts a word's token with the space before it).")
 _SAMPLE_TEMPERATURE = flags.DEFINE_float(
     "sample_temperature", 0.6, "Temperature of the sampled sample (0: greedy only).")
 _SAMPLE_TOP_P = flags.DEFINE_float("sample_top_p", 0.9, "Nucleus mass of the sampled sample.")

@@ -5,7 +5,8 @@ r"""Trains a tokenizer on a corpus and saves it to a directory that `load_tokeni
       --out_dir=/tmp/tok --text_glob='~/corpus/**/*.txt'
 
 Then train with `--config.data.tokenizer=/tmp/tok` (and `--config.model.vocab_size` set to the
-printed vocabulary size).
+printed vocabulary size). A run can also train its own byte-level BPE on its training text at
+start-up: `--config.data.tokenizer=bpe:4096` (the default config's is `bpe:1024`).
 """
 
 import itertools

@@ -1,9 +1,10 @@
-"""Writing a file whole or not at all: a reader never sees a half-written result."""
+"""Writing a file or a directory whole or not at all: a reader never sees a half-written one."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import IO, Iterator
 
@@ -27,6 +28,28 @@ def atomic_write(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+  """Yields a new temporary sibling of ``path`` to fill; renames it onto ``path`` only if the block
+  succeeds, so ``path`` appears complete or not at all.
+
+  A directory already at ``path`` is replaced. On an exception the temporary directory is
+  removed; a process killed inside the block leaves only the hidden temporary
+  (``.NAME.*.tmp``), which nothing reads.
+  """
+  parent, name = os.path.split(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+  try:
+    yield tmp
+    if os.path.lexists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 

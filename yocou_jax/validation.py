@@ -91,7 +91,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.tfds_data_dir": (optional_str, "None or a directory"),
     "data.text_glob": (optional_str, "None or a directory or glob"),
     "data.text_key": (non_empty_str, "a feature name"),
-    "data.tokenizer": (non_empty_str, "'byte', a .model or tokenizer.json file, or a directory"),
+    "data.tokenizer": (non_empty_str,
+                       "'byte', 'bpe:N', a .model or tokenizer.json file, or a directory"),
     "data.num_workers": (non_negative_int, "a non-negative integer"),
     "data.train_split": (non_empty_str, "a split name"),
     "data.eval_split": (non_empty_str, "a split name"),
@@ -248,11 +249,16 @@ def _tokenizer_errors(spec: str, model_cfg: Optional[ModelConfig]) -> list[str]:
   """The tokenizer must load and fit in the model's vocabulary."""
   from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
 
-  if spec != "byte" and not os.path.exists(os.path.expanduser(spec)):
-    return [f"config.data.tokenizer={spec!r} is invalid: no such file or directory (allowed: "
-            "'byte', a .model or tokenizer.json file, a directory)"]
   try:
-    vocab_size = tokenizers.load_tokenizer(spec).vocab_size
+    trained_vocab_size = tokenizers.trained_bpe_vocab_size(spec)
+  except ValueError:
+    return [f"config.data.tokenizer={spec!r} is invalid: {tokenizers.TRAINED_BPE_RULE}"]
+  if trained_vocab_size is None and spec != "byte" and not os.path.exists(
+      os.path.expanduser(spec)):
+    return [f"config.data.tokenizer={spec!r} is invalid: no such file or directory (allowed: "
+            "'byte', 'bpe:N', a .model or tokenizer.json file, a directory)"]
+  try:
+    vocab_size = trained_vocab_size or tokenizers.load_tokenizer(spec).vocab_size
   except Exception as e:  # pylint: disable=broad-except  (a corrupt file: any library error)
     return [f"config.data.tokenizer={spec!r} cannot be loaded ({type(e).__name__}: "
             f"{(str(e).strip().splitlines() or [''])[0][:160]})"]

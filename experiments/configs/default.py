@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 2  # K/V heads (GQA); must divide num_heads.
   m.head_dim = 32  # Per-head width.
   m.d_ff = 384  # SwiGLU hidden width.
-  m.vocab_size = 384  # >= the tokenizer's vocabulary (bytes: 259), a multiple of 128.
+  m.vocab_size = 1024  # >= the tokenizer's vocabulary (bpe:1024: 1024, byte: 259); x 128.
   m.window = 64  # Sliding window W of the self-decoder (keys i-W+1..i).
   m.num_iterations = 3  # T: loops of the self-decoder (yocou), recursive block (rins, looped),
   # or cross-decoder (yoco_upper_loop: one shared K/V; yoco_upper_loop_nokv: K/V per iteration).
@@ -78,7 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default dir.
   d.text_glob = ml_collections.FieldReference(None, field_type=str)  # text_files: dir or glob.
   d.text_key = "text"  # Feature holding the document text.
-  d.tokenizer = "byte"  # byte, a SentencePiece .model path, or a tokenizer.json path.
+  # byte; bpe:N (a byte-level BPE of N ids trained at the run's start on its training text,
+  # saved in the workdir); a SentencePiece .model, a tokenizer.json or a saved tokenizer directory.
+  d.tokenizer = "bpe:1024"
   d.num_workers = 0  # grain worker processes for the training pipeline.
   d.train_split = "train"  # TFDS split to train on.
   d.eval_split = "validation"  # TFDS split to evaluate on.
@@ -106,8 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.steps = 300  # Optimizer steps (unless a budget below decides them).
   t.flops_budget = 0.0  # >0: steps = floor(budget / analytic training FLOPs per step).
   t.tokens_budget = 0.0  # >0: steps = floor(budget / tokens per step); both set: fewer steps.
-  # Peak learning rate, tuned for this config (yocou T=3): final validation loss 2.522 / 2.252 /
-  # 2.534 at 3e-4 / 1e-3 / 3e-3 (other archs and sizes: experiments/configs/sweeps/cpu_common.py).
+  # Peak learning rate, tuned for this config (yocou T=3, byte tokenizer): final validation loss
+  # 2.522 / 2.252 / 2.534 at 3e-4 / 1e-3 / 3e-3 (other archs and sizes: experiments/configs/sweeps/cpu_common.py).
   t.learning_rate = 1e-3
   t.warmup_steps = 30  # Linear warmup from lr/warmup to lr.
   t.schedule = "cosine"  # Decay after warmup: cosine, linear or constant.

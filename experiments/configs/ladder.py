@@ -64,7 +64,8 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
       # chunk's [rows, 2048, d_ff] intermediates (s4 proxy, 4 layers: 17.5 -> 12.3 GiB a chip).
       ffn_chunk_size=2048)
   # Pass --config.data.tokenizer=PATH to a ~100K-token tokenizer for real runs (train one with
-  # experiments.train_tokenizer); the byte default keeps every rung runnable out of the box.
+  # experiments.train_tokenizer); bytes keep every rung runnable out of the box.
+  config.data.tokenizer = "byte"
   config.data.seq_len = 8192
   non_embedding = num_layers * (d_model * head_dim * (2 * heads + 2 * kv_heads)
                                 + 3 * d_model * swiglu_width(d_model))
@@ -100,7 +101,7 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
     config.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
                         d_ff=384, vocab_size=384, window=64, num_recursive_layers=2,
                         dtype="float32", remat="none", ffn_chunk_size=0)
-    config.data.update(seq_len=256, tokenizer="byte")
+    config.data.seq_len = 256
     config.train.update(batch_size=8, steps=300, learning_rate=3e-3, warmup_steps=30,
                         z_loss=0.0, microbatches=1)
     config.eval.update(every_steps=100, num_batches=4, batch_size=8)

@@ -43,7 +43,13 @@ CASES = [
      "error: config.model.dtype='float16' is invalid: allowed: float32, bfloat16"),
     ("train", ["--config.model.vocab_size=200"],
      "error: config.model.vocab_size=200 is invalid: must be >= the vocabulary of "
-     "config.data.tokenizer='byte' (259 ids)"),
+     "config.data.tokenizer='bpe:1024' (1024 ids)"),
+    ("train", ["--config.data.tokenizer=bpe:0"],
+     "error: config.data.tokenizer='bpe:0' is invalid: 'bpe:N' needs an integer N >= 259 (the "
+     "256 byte tokens plus pad, bos and eos)"),
+    ("train", ["--config.data.tokenizer=bpe:abc"],
+     "error: config.data.tokenizer='bpe:abc' is invalid: 'bpe:N' needs an integer N >= 259 (the "
+     "256 byte tokens plus pad, bos and eos)"),
     ("train", ["--config.train.batch_size=6"],
      "error: config.train.batch_size=6 (per microbatch 6) is not divisible by the data-parallel "
      "mesh axes data x fsdp = 8"),
@@ -83,7 +89,7 @@ CASES = [
      f"error: config.inference.chunk_size=0 {POSITIVE}"),
     ("train", ["--config.data.tokenizer={tmp}/missing.json"],
      "error: config.data.tokenizer='{tmp}/missing.json' is invalid: no such file or directory "
-     "(allowed: 'byte', a .model or tokenizer.json file, a directory)"),
+     "(allowed: 'byte', 'bpe:N', a .model or tokenizer.json file, a directory)"),
     ("train", ["--config.data.tokenizer={tmp}/garbage.json"],
      "error: config.data.tokenizer='{tmp}/garbage.json' cannot be loaded (Exception: expected "
      "ident at line 1 column 2)"),

@@ -42,7 +42,7 @@ def tiny_config(arch="yocou", steps=20, mesh=(1, 1, 1)):
   c.model.update(arch=arch, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                  d_ff=64, vocab_size=64, window=8, num_iterations=2, num_recursive_layers=1,
                  attention_block_size=8)
-  c.data.seq_len = SEQ_LEN
+  c.data.update(seq_len=SEQ_LEN, tokenizer="byte")  # Not the default BPE: no training to wait for.
   c.train.update(batch_size=BATCH, steps=steps, learning_rate=1e-2, warmup_steps=3)
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.logging.update(every_steps=1, tensorboard=False, progress=False)

@@ -13,6 +13,10 @@ import numpy as np
 
 from tests import cpu_env
 from tests.train.synthetic import tiny_config
+from yocou_jax.data import corpora
+from yocou_jax.data import run_tokenizer
+from yocou_jax.data import tokenizers
+from yocou_jax.inference import text
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import trainer
 
@@ -91,10 +95,22 @@ def test_binary_trains_reports_and_resumes(tmp_path):
   assert os.listdir(workdir / "tensorboard")
   assert checkpoint_lib.Checkpointer(str(workdir), keep=3).all_steps() == [3, 6]
 
+  # The default tokenizer, bpe:1024: train_tokenizer's BPE of the corpus' training split.
+  tokenizer_dir = str(workdir / "tokenizer")
+  reference = tokenizers.train_tokenizer(
+      "bpe", corpora.iterate_texts("text_files", str(tmp_path / "tfds"), "train",
+                                   str(tmp_path / "corpus")), 1024, str(tmp_path / "reference"))
+  saved = run_tokenizer.fingerprint(tokenizer_dir)
+  assert "a byte-level BPE of" in out.stderr and "trained on" in out.stderr
+  assert saved == run_tokenizer.fingerprint(str(tmp_path / "reference"))
+  assert text.load_run(str(workdir)).tokenizer.encode("def f(x):") == reference.encode("def f(x):")
+
   # Re-running a finished run resumes at its last step and trains nothing more (no samples:
-  # the first run checked them).
+  # the first run checked them), its tokenizer read back, not made again.
   again = subprocess.run([*cmd, "--sample_tokens=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(records)
+  assert run_tokenizer.fingerprint(tokenizer_dir) == saved
+  assert "trained on" not in again.stderr
   # A bad value failing at start-up with one line naming the field: the table of
   # tests/reliability/test_bad_inputs.py (config.model.window=0 among them).

@@ -1,4 +1,4 @@
-"""Tokenizers: bytes (the default), SentencePiece models and Hugging Face `tokenizer.json` files.
+"""Tokenizers: bytes, SentencePiece models and Hugging Face `tokenizer.json` files (BPEs).
 
 Every tokenizer has the same small surface (`Tokenizer`): `vocab_size`, `pad_id`, `bos_id`,
 `eos_id`, `encode(text) -> list[int]`, `decode(ids) -> str` and `save(directory)`. `decode` never
@@ -11,6 +11,8 @@ kind, the special ids and the name of the model file) plus the model file itself
 `load_tokenizer(spec)` accepts `"byte"`, a path to a SentencePiece `.model`, a path to a Hugging
 Face `tokenizer.json`, or a directory written by `save`. `train_tokenizer` trains a byte-level BPE
 (Hugging Face `tokenizers`) or a byte-fallback SentencePiece BPE and saves it to a directory.
+The spec `"bpe:N"` names a tokenizer still to be trained (`trained_bpe_vocab_size`): a training
+run makes it from its own text (`yocou_jax.data.run_tokenizer`).
 """
 
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,10 @@ SENTENCEPIECE_FILENAME = "tokenizer.model"
 HUGGINGFACE_FILENAME = "tokenizer.json"
 CHAT_TEMPLATE_FILENAME = "chat_template.jinja"  # A Hugging Face tokenizer's chat template.
 TRAINABLE_KINDS = ("bpe", "sentencepiece")
+TRAINED_BPE_PREFIX = "bpe:"  # "bpe:N": a byte-level BPE of N ids, trained by the run itself.
+MIN_BPE_VOCAB_SIZE = 256 + 3  # A byte-level BPE holds every byte and pad, bos, eos.
+TRAINED_BPE_RULE = (f"'bpe:N' needs an integer N >= {MIN_BPE_VOCAB_SIZE} (the 256 byte tokens "
+                    f"plus pad, bos and eos)")
 
 # Special tokens of trained tokenizers: the same ids as the byte tokenizer.
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
@@ -256,11 +262,29 @@ def _check_special_ids(tokenizer: Tokenizer, config: dict[str, Any], config_path
         f"{config_path} does not match its model file (recorded, rebuilt): {mismatched}.")
 
 
+def trained_bpe_vocab_size(spec: str) -> int | None:
+  """N for a `"bpe:N"` spec (a byte-level BPE a run trains on its own text), else None.
+
+  Raises:
+    ValueError: one line, for a `"bpe:..."` spec whose N is not an integer >= 259.
+  """
+  if not spec.startswith(TRAINED_BPE_PREFIX):
+    return None
+  size = spec[len(TRAINED_BPE_PREFIX):]
+  if not (size.isascii() and size.isdigit() and int(size) >= MIN_BPE_VOCAB_SIZE):
+    raise ValueError(f"tokenizer spec {spec!r} is invalid: {TRAINED_BPE_RULE}")
+  return int(size)
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
   """Builds a tokenizer from `spec`: "byte", a `.model` or `.json` file, or a saved directory."""
   path = os.path.expanduser(spec)
   if spec == "byte":
     return ByteTokenizer()
+  if trained_bpe_vocab_size(spec) is not None:
+    raise ValueError(f"tokenizer spec {spec!r} names a BPE that a training run trains on its "
+                     f"text (yocou_jax.data.run_tokenizer); load the run's saved tokenizer "
+                     f"(WORKDIR/tokenizer) instead.")
   if os.path.isdir(path):
     return tokenizer_from_directory(path)
   if os.path.basename(path) == CONFIG_FILENAME:
@@ -270,8 +294,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
       raise FileNotFoundError(f"Tokenizer file {spec!r} does not exist.")
     return SentencePieceTokenizer(path) if path.endswith(".model") else HuggingFaceTokenizer(path)
   raise ValueError(
-      f"Unknown tokenizer spec {spec!r}: expected 'byte', a SentencePiece .model file, a Hugging "
-      f"Face tokenizer.json file or a directory holding {CONFIG_FILENAME}."
+      f"Unknown tokenizer spec {spec!r}: expected 'byte', 'bpe:N', a SentencePiece .model file, a "
+      f"Hugging Face tokenizer.json file or a directory holding {CONFIG_FILENAME}."
   )
 
 
@@ -280,9 +304,10 @@ def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, out_dir: str) -
 
   byte_level = tokenizers.pre_tokenizers.ByteLevel
   special_tokens = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
-  min_vocab_size = len(byte_level.alphabet()) + len(special_tokens)
-  if vocab_size < min_vocab_size:
-    raise ValueError(f"A byte-level BPE needs vocab_size >= {min_vocab_size}, got {vocab_size}.")
+  assert len(byte_level.alphabet()) + len(special_tokens) == MIN_BPE_VOCAB_SIZE
+  if vocab_size < MIN_BPE_VOCAB_SIZE:
+    raise ValueError(
+        f"A byte-level BPE needs vocab_size >= {MIN_BPE_VOCAB_SIZE}, got {vocab_size}.")
   tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
   tokenizer.pre_tokenizer = byte_level(add_prefix_space=False)
   tokenizer.decoder = tokenizers.decoders.ByteLevel()

@@ -135,18 +135,24 @@ def train(config: Any, workdir: str, *, data: Optional[Any] = None,
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.LOGICAL_AXIS_RULES
 
+  def check_tokenizer(tokenizer) -> None:  # Also before a new run saves it: none refused is kept.
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                        f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    if t.init_from:
+      finetune.check_tokenizer(t.init_from, tokenizer)  # The source's, or its params mean nothing.
+
   if data is None:
     try:
-      data = _make_data(config, workdir, process_index, process_count, is_chief)
+      data = _make_data(config, workdir, process_index, process_count, is_chief, check_tokenizer)
+    except ConfigError:
+      raise
     except (ValueError, OSError) as e:  # Empty corpus, missing split, unreadable tokenizer, ...
       raise ConfigError(f"bad training data ({type(e).__name__}): "
                         f"{str(e).strip().splitlines()[0]}") from e
   train_iter, eval_batches, tokenizer = data
-  if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
-                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
-  if t.init_from and tokenizer is not None:
-    finetune.check_tokenizer(t.init_from, tokenizer)  # The source's, or its params mean nothing.
+  if tokenizer is not None:
+    check_tokenizer(tokenizer)
 
   model = Model(model_cfg)
   schedule = optimizer_lib.learning_rate_schedule(t)
@@ -284,17 +290,12 @@ def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_step
   }
 
 
-def _make_data(config, workdir: str, process_index: int, process_count: int, is_chief: bool):
-  """The configured grain pipeline and tokenizer; the tokenizer is saved into the workdir."""
-  from yocou_jax.data import pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+def _make_data(config, workdir: str, process_index: int, process_count: int, is_chief: bool,
+               check_tokenizer: Callable[[Any], None]):
+  """The configured grain pipeline and the run's tokenizer (saved in, or read from, the workdir)."""
+  from yocou_jax.data import pipeline, run_tokenizer  # pylint: disable=g-import-not-at-top
 
-  tokenizer_dir = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
-    tokenizer = tokenizers.tokenizer_from_directory(tokenizer_dir)
-  else:
-    tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
-    if is_chief:
-      tokenizer.save(tokenizer_dir)
+  tokenizer = run_tokenizer.prepare(config.data, workdir, write=is_chief, check=check_tokenizer)
   train_iter = pipeline.make_train_iterator(
       config.data, tokenizer, global_batch_size=config.train.batch_size, seed=config.seed,
       process_index=process_index, process_count=process_count)

@@ -21,7 +21,7 @@ SMALLEST, LARGEST = "s0", "s2"
 
 COMMON = {
     "model.num_layers": 4, "model.head_dim": 16, "model.window": 32, "model.vocab_size": 384,
-    "data.seq_len": 128, "train.batch_size": 8, "train.warmup_steps": 10,
+    "data.tokenizer": "byte", "data.seq_len": 128, "train.batch_size": 8, "train.warmup_steps": 10,
     "train.schedule": "cosine", "train.min_lr_ratio": 0.1,
     "eval.every_steps": 25, "eval.num_batches": 8, "eval.batch_size": 8,
     "checkpoint.every_steps": 100, "checkpoint.keep": 2,
