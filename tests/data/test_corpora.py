@@ -3,6 +3,7 @@
 import concurrent.futures
 import logging
 import os
+import sysconfig
 import threading
 
 import pytest
@@ -39,6 +40,17 @@ def test_python_stdlib_splits_and_content(stdlib_data_dir):
   root, relative_paths = corpora.PythonStdlib(data_dir=stdlib_data_dir)._root_and_files()
   assert not any(set(p.split("/")) & corpora.SKIPPED_STDLIB_DIRS for p in relative_paths)
   assert "os.py" in relative_paths and "json/decoder.py" in relative_paths
+  # The generated code tables are out (a plain read of each header, not the builder's helper);
+  # the hand-written codecs beside them stay.
+  encodings = os.path.join(sysconfig.get_paths()["stdlib"], "encodings")
+  charmaps = set()
+  for f in (f for f in os.listdir(encodings) if f.endswith(".py")):
+    with open(os.path.join(encodings, f), "rb") as text:
+      if b"gencodec.py" in text.read(1024):
+        charmaps.add(f"encodings/{f}")
+  assert "encodings/cp1252.py" in charmaps and not charmaps & set(relative_paths)
+  assert "encodings/utf_8.py" in relative_paths and "encodings/aliases.py" in relative_paths
+  assert not any(p.startswith("pydoc_data/") for p in relative_paths)
   census = corpora._census(root, relative_paths)
   assert len(train) + len(validation) == len(census.relative_paths) > 500
   assert 0.005 < len(validation) / len(census.relative_paths) < 0.03
