@@ -74,11 +74,13 @@ def summarize_run(config, workdir: str, result, *, sample_prompt: str, sample_to
   if plot_loss_curve(workdir, curve):
     print(f"loss curve: {curve}")
   if sample_tokens > 0:
+    from yocou_jax.data import run_tokenizer  # pylint: disable=g-import-not-at-top
     from yocou_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
     from yocou_jax.inference import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
     from yocou_jax.inference import text  # pylint: disable=g-import-not-at-top
 
-    tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, "tokenizer"))
+    tokenizer = tokenizers.tokenizer_from_directory(
+        os.path.join(workdir, run_tokenizer.TOKENIZER_DIR))
     params = jax.device_put(jax.device_get(result.state.params))  # Off the training mesh.
     run = text.Run(config, ModelConfig.from_config(config.model), params, tokenizer,
                    int(result.state.step))

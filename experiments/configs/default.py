@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- training --------------------------------------------------------------------------------
   t = config.train = ml_collections.ConfigDict()
   t.batch_size = 8  # Global batch size in rows.
-  t.steps = 300  # Optimizer steps (unless a budget below decides them).
+  t.steps = 600  # Optimizer steps (unless a budget below decides them).
   t.flops_budget = 0.0  # >0: steps = floor(budget / analytic training FLOPs per step).
   t.tokens_budget = 0.0  # >0: steps = floor(budget / tokens per step); both set: fewer steps.
   # Peak learning rate, tuned for this config (yocou T=3, byte tokenizer): final validation loss

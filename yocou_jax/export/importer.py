@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from yocou_jax.config import ModelConfig
+from yocou_jax.data import run_tokenizer
 from yocou_jax.data import tokenizers as tokenizers_lib
 from yocou_jax.export import exporter, hf
 from yocou_jax.export.hf import ExportError
@@ -61,7 +62,7 @@ def _save_tokenizer(hf_dir: Path, workdir: Path) -> None:
   except ValueError as e:
     logging.warning("tokenizer not imported: %s", e)
     return
-  tokenizer.save(str(workdir / "tokenizer"))
+  tokenizer.save(str(workdir / run_tokenizer.TOKENIZER_DIR))
 
 
 def import_llama(hf_dir: str | Path, workdir: str | Path, config: ml_collections.ConfigDict, *,

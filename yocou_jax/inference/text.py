@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from yocou_jax.config import ModelConfig
+from yocou_jax.data import run_tokenizer
 from yocou_jax.data import tokenizers
 from yocou_jax.export import exporter
 from yocou_jax.inference import engine as engine_lib
@@ -43,7 +44,7 @@ def load_run(workdir: str, step: Optional[int] = None, num_iterations: int = 0,
   trained_cfg = checkpoint.model_cfg
   model_cfg = trained_cfg.replace(num_iterations=num_iterations or trained_cfg.num_iterations)
   shardings = None if mesh is None else engine_lib.param_shardings(model_cfg, mesh)
-  tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, "tokenizer"))
+  tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, run_tokenizer.TOKENIZER_DIR))
   params = jax.device_put(checkpoint.params, shardings)  # Once, not on every jitted call.
   return Run(ml_collections.ConfigDict(checkpoint.config), model_cfg, params, tokenizer,
              checkpoint.step, mesh)

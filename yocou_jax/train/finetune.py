@@ -18,11 +18,11 @@ import jax
 from absl import logging
 
 from yocou_jax.config import ConfigError
+from yocou_jax.data.run_tokenizer import TOKENIZER_DIR
 from yocou_jax.train import checkpoint as checkpoint_lib
 from yocou_jax.train import integrity
 from yocou_jax.train import safety
 
-TOKENIZER_DIR = "tokenizer"  # Where a run saves its tokenizer, under its workdir.
 # Encoded by both tokenizers: prose, code, whitespace runs, digits and non-ASCII text.
 _TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs.\n\tdef f(x):\n        return "
                     "x ** 2  # naïve café, 東京, ∑ 🙂")
