@@ -85,18 +85,14 @@ def _attend_bwd(scale, res, d_out):
   s = _scores(q, k, scale)
   p = _visible(s, lse, mask)
   d_out = d_out.astype(acc)
-  # dV = P^T dO and dK = dS^T Q contract over (G, N). Written as (dO^T P)^T and (Q^T dS)^T, so
-  # that the operand XLA transposes to put the contracted dims in place is the small [G N, D]
-  # one, not the [G N, S] probabilities (a strided copy of every score tensor on CPU).
-  dv = jnp.einsum("...kgnd,...kgns->...kds", d_out.astype(v.dtype), p.astype(v.dtype),
-                  preferred_element_type=acc).swapaxes(-1, -2)
+  dv = jnp.einsum("...kgns,...kgnd->...ksd", p.astype(v.dtype), d_out.astype(v.dtype),
+                  preferred_element_type=acc)
   dp = jnp.einsum("...kgnd,...ksd->...kgns", d_out.astype(v.dtype), v,
                   preferred_element_type=acc)
   row = jnp.sum(d_out * out.astype(acc), axis=-1)  # rowsum(dO * O) = rowsum(P * dP).
   ds = p * (dp - row[..., None]) * scale
   dq = jnp.einsum("...kgns,...ksd->...kgnd", ds.astype(k.dtype), k, preferred_element_type=acc)
-  dk = jnp.einsum("...kgnd,...kgns->...kds", q, ds.astype(q.dtype),
-                  preferred_element_type=acc).swapaxes(-1, -2)
+  dk = jnp.einsum("...kgns,...kgnd->...ksd", ds.astype(q.dtype), q, preferred_element_type=acc)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
