@@ -43,7 +43,6 @@ def test_projection_matches_float64_and_keeps_the_compute_dtype(tiny_config, in_
   np.testing.assert_allclose(np.asarray(got16, np.float64), want16, rtol=2 ** -7)
 
 
-
 @pytest.mark.parametrize("in_axes,lead", [(1, (2, 5)), (2, (2, 5)), (1, (2, 3, 5))])
 def test_projection_gradients_match_float64(tiny_config, in_axes, lead):
   """The custom VJP's input and kernel gradients (the kernel's one matmul over all leading
@@ -56,8 +55,8 @@ def test_projection_gradients_match_float64(tiny_config, in_axes, lead):
 
   def grads(dtype):
     layer = Projection(tiny_config(dtype=dtype), out_shape, axes, in_axes=in_axes)
-    fn = lambda x, k: layer.apply({"params": {"kernel": k}}, x)  # pylint: disable=unnecessary-lambda-assignment
-    _, vjp = jax.vjp(fn, jnp.asarray(x, dtype), jnp.asarray(kernel, jnp.float32))
+    _, vjp = jax.vjp(lambda x, k: layer.apply({"params": {"kernel": k}}, x),
+                     jnp.asarray(x, dtype), jnp.asarray(kernel, jnp.float32))
     return vjp(jnp.asarray(cotangent, dtype))
 
   # y = x . K contracted over in: dx = g . K^T over out, dK = sum over rows of x (outer) g.
@@ -75,6 +74,7 @@ def test_projection_gradients_match_float64(tiny_config, in_axes, lead):
   scale = lambda a: np.abs(a).max()  # pylint: disable=unnecessary-lambda-assignment
   np.testing.assert_allclose(np.asarray(dx16, np.float64), want_dx, atol=2 ** -6 * scale(want_dx))
   np.testing.assert_allclose(np.asarray(dk16, np.float64), want_dk, atol=2 ** -6 * scale(want_dk))
+
 
 def _rotate_reference(x, positions, theta, sign):
   """Rotate-half RoPE by ``sign`` x the angles, float64 numpy."""

@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.flops_budget = 0.0  # >0: steps = floor(budget / analytic training FLOPs per step).
   t.tokens_budget = 0.0  # >0: steps = floor(budget / tokens per step); both set: fewer steps.
   # Peak learning rate, tuned for this config (yocou T=3, byte tokenizer): final validation loss
-  # 2.522 / 2.252 / 2.534 at 3e-4 / 1e-3 / 3e-3 (other archs and sizes: experiments/configs/sweeps/cpu_common.py).
+  # 2.522 / 2.252 / 2.534 at 3e-4 / 1e-3 / 3e-3 (other archs and sizes:
+  # experiments/configs/sweeps/cpu_common.py).
   t.learning_rate = 1e-3
   t.warmup_steps = 30  # Linear warmup from lr/warmup to lr.
   t.schedule = "cosine"  # Decay after warmup: cosine, linear or constant.

@@ -71,10 +71,11 @@ def get_config(spec: str = "yocou,s0,tpu") -> ml_collections.ConfigDict:
                                 + 3 * d_model * swiglu_width(d_model))
   batch_rows = 512  # 4M tokens per step, as in the paper.
   steps = max(1000, TOKENS_PER_PARAM * non_embedding // (batch_rows * 8192))
-  # 4 microbatches of 128 rows (TPU rungs from s4 up: 2, below): a v5p-8 holds 16 rows of 8192 per chip per pass with the fused
-  # loss (s4 yocou: 48.4 GiB of temporaries with full remat, 21.9 with the TPU default offload;
-  # with the materialised [rows, 8192, 100352] logits it needed 16 microbatches). Check a slice with
-  # python -m experiments.compile_for; larger slices hold the same rows per chip in fewer passes.
+  # 4 microbatches of 128 rows (TPU rungs from s4 up: 2, below): a v5p-8 holds 16 rows of 8192
+  # per chip per pass with the fused loss (s4 yocou: 48.4 GiB of temporaries with full remat,
+  # 21.9 with the TPU default offload; with the materialised [rows, 8192, 100352] logits it
+  # needed 16 microbatches). Check a slice with python -m experiments.compile_for; larger slices
+  # hold the same rows per chip in fewer passes.
   config.train.update(batch_size=batch_rows, steps=steps, learning_rate=1e-3, b1=0.9, b2=0.95,
                       warmup_steps=375, schedule="linear", min_lr_ratio=0.0, weight_decay=0.05,
                       z_loss=1e-4, microbatches=4)

@@ -129,17 +129,19 @@ def fingerprint(directory: str) -> bytes:
   return digest.digest()
 
 
-def check_same_everywhere(digest: bytes) -> None:
-  """Raises a one-line ValueError unless every process holds a tokenizer of this fingerprint.
+def check_same_everywhere(directory: str) -> None:
+  """Raises a one-line ValueError unless every process holds the tokenizer saved in `directory`
+  (compared by `fingerprint`).
 
-  A collective: every process of a multi-process run calls it; a single process returns.
+  A collective: every process of a multi-process run calls it; a single process returns without
+  reading the files.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   if jax.process_count() == 1:
     return
-  gathered = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
+  gathered = multihost_utils.process_allgather(np.frombuffer(fingerprint(directory), np.uint8))
   digests = [bytes(row) for row in np.asarray(gathered, np.uint8)]
   differ = [p for p, other in enumerate(digests) if other != digests[0]]
   if differ:
@@ -168,7 +170,7 @@ def prepare(data_config: Any, workdir: str, *, write: bool,
   """
   directory = saved_tokenizer_dir(workdir)
   if directory is not None:
-    check_same_everywhere(fingerprint(directory))
+    check_same_everywhere(directory)
     return tokenizers.tokenizer_from_directory(directory)
   if write:
     directory = os.path.join(workdir, TOKENIZER_DIR)
@@ -183,5 +185,5 @@ def prepare(data_config: Any, workdir: str, *, write: bool,
 
 def _make_and_compare(data_config: Any, directory: str) -> tokenizers.Tokenizer:
   make_tokenizer(data_config, directory)
-  check_same_everywhere(fingerprint(directory))
+  check_same_everywhere(directory)
   return tokenizers.tokenizer_from_directory(directory)

@@ -44,7 +44,8 @@ def load_run(workdir: str, step: Optional[int] = None, num_iterations: int = 0,
   trained_cfg = checkpoint.model_cfg
   model_cfg = trained_cfg.replace(num_iterations=num_iterations or trained_cfg.num_iterations)
   shardings = None if mesh is None else engine_lib.param_shardings(model_cfg, mesh)
-  tokenizer = tokenizers.tokenizer_from_directory(os.path.join(workdir, run_tokenizer.TOKENIZER_DIR))
+  tokenizer = tokenizers.tokenizer_from_directory(
+      os.path.join(workdir, run_tokenizer.TOKENIZER_DIR))
   params = jax.device_put(checkpoint.params, shardings)  # Once, not on every jitted call.
   return Run(ml_collections.ConfigDict(checkpoint.config), model_cfg, params, tokenizer,
              checkpoint.step, mesh)

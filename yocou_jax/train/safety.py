@@ -18,7 +18,8 @@ from yocou_jax.config import ConfigError, ModelConfig
 # the data lives. The train section (steps, learning-rate knobs, microbatches), eval, logging,
 # checkpoint, inference and mesh sections, and the process count, are free to change.
 RESUME_MAY_CHANGE = frozenset({
-    "model.attention_impl", "model.remat", "model.unroll_loops", "model.unroll_layers", "model.attention_block_size",
+    "model.attention_impl", "model.remat", "model.unroll_loops", "model.unroll_layers",
+    "model.attention_block_size",
     "data.tfds_data_dir",
 })
 # Sections compared on resume; the data stream's fields only when the checkpoint holds a data
