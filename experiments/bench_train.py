@@ -13,6 +13,11 @@ matmul shape is timed too ("of FFN mm": the step's FLOP/s over that matmul's). I
 over yoco is no more than its extra arithmetic, and that the grain pipeline delivers tokens far
 faster than the trainer consumes them.
 
+Run as a program on a CPU host, it restarts itself once with glibc's allocator set to keep
+freed memory (``yocou_jax.platforms.restart_with_cpu_malloc``): XLA:CPU allocates each step's
+temporaries afresh, and without it every step page-faults through all of them. The table shows
+the setting, and the minor page faults and kernel time of each step ("faults", "sys s").
+
 With ``--breakdown`` (default) each arch's step is also profiled and its op time printed by
 model region, matmuls apart from the rest (softmax, norms, elementwise, the loss, layout copies:
 what the analytic FLOPs count ignores); see ``yocou_jax.profiling``.
@@ -32,6 +37,8 @@ at most 1.5x the dense step at equal active FLOPs.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import statistics
 import time
 
@@ -42,6 +49,7 @@ import numpy as np
 from experiments.configs import default
 from yocou_jax import accounting
 from yocou_jax import moe as moe_lib
+from yocou_jax import platforms
 from yocou_jax import profiling
 from yocou_jax import sharding as sharding_lib
 from yocou_jax.config import ModelConfig
@@ -130,6 +138,8 @@ class TrainStepTimer:
       self.train_step = step_lib.jit_train_step(model, tx, schedule, self.mesh, shardings)
       self.batch_dev = jax.device_put(batch_arrays, sharding_lib.batch_sharding(self.mesh))
     self.times: list[float] = []
+    self.faults: list[int] = []  # Minor page faults of each timed step (the whole process).
+    self.system_s: list[float] = []  # Kernel CPU time of each timed step.
     self.metrics = None
     start = time.perf_counter()
     for _ in range(_WARMUP.value):
@@ -138,11 +148,14 @@ class TrainStepTimer:
 
   def step(self, record: bool = True) -> None:
     with sharding_lib.activate(self.mesh):
-      start = time.perf_counter()
+      usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       self.state, self.metrics = self.train_step(self.state, self.batch_dev)
       jax.block_until_ready(self.metrics)
       if record:
         self.times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.faults.append(after.ru_minflt - usage.ru_minflt)
+        self.system_s.append(after.ru_stime - usage.ru_stime)
 
   def breakdown(self) -> dict:
     """Op time per (kind, region) of one step, from a profiler trace of two more steps."""
@@ -157,6 +170,8 @@ class TrainStepTimer:
     return {"arch": label, "step_time_s": step_time, "step_times_s": self.times,
             "train_flops_per_step": flops, "tokens_per_sec": self.batch * self.seq_len / step_time,
             "flops_per_sec": flops / step_time, "warmup_s": self.warmup_s,
+            "minor_faults_per_step": statistics.median(self.faults),
+            "system_s_per_step": statistics.median(self.system_s),
             "loss": float(self.metrics["loss"]),
             **({"moe_dropped_fraction": float(self.metrics["moe_dropped_fraction"])}
                if self.cfg.ffn == "moe" else {})}
@@ -218,6 +233,7 @@ def main(argv):
             "peak_spread": abs(peak_before - peak_after) / measured_peak,
             "ffn_matmul_flops": ffn_peak,
             "peak_flops": peak, "peak_source": peak_source, "rows": rows,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "shape": {"d_model": _D_MODEL.value, "num_layers": _LAYERS.value,
                       "seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value,
                       "window": _WINDOW.value, "num_iterations": _ITERATIONS.value,
@@ -252,13 +268,15 @@ def main(argv):
         f"{_D_MODEL.value}]x[{_D_MODEL.value}x{3 * _D_MODEL.value}] matmul "
         f"{ffn_peak / 1e9:,.1f} GFLOP/s")
   print(f"shape: {result['shape']}")
+  print(f"host allocator: GLIBC_TUNABLES={result['glibc_tunables'] or '(unset)'}")
   print(f"{'arch':<22}{'step s':>9}{'tokens/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>10}{'MFU':>8}"
-        f"{'>=50%':>7}{'of FFN mm':>11}")
+        f"{'>=50%':>7}{'of FFN mm':>11}{'faults':>9}{'sys s':>7}")
   for r in rows:
     print(f"{r['arch']:<22}{r['step_time_s']:>9.3f}{r['tokens_per_sec']:>11,.0f}"
           f"{r['train_flops_per_step'] / 1e9:>12,.1f}{r['flops_per_sec'] / 1e9:>10,.1f}"
           f"{100 * r['mfu']:>7.1f}%{'yes' if r['mfu'] >= 0.5 else 'NO':>7}"
-          f"{100 * r['mfu_of_ffn_matmul']:>10.1f}%")
+          f"{100 * r['mfu_of_ffn_matmul']:>10.1f}%{r['minor_faults_per_step']:>9,.0f}"
+          f"{r['system_s_per_step']:>7.2f}")
   for r in rows:
     if "op_breakdown" in r:
       print("\n".join(profiling.format_breakdown(r["op_breakdown"], r["arch"])))
@@ -281,4 +299,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platforms.restart_with_cpu_malloc()  # No page faults on each step's temporaries.
   app.run(main)

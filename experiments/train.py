@@ -91,4 +91,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from yocou_jax import platforms  # pylint: disable=g-import-not-at-top
+
+  platforms.restart_with_cpu_malloc()  # On CPU: no page faults on each step's temporaries.
   app.run(main)

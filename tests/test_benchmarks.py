@@ -13,6 +13,7 @@ import pytest
 
 import cpu_env
 from yocou_jax import accounting
+from yocou_jax import platforms
 from yocou_jax.config import ModelConfig
 
 
@@ -29,6 +30,7 @@ def test_bench_train_figures_follow_from_step_times(tmp_path):
       "measured_matmul_peak_flops"] > 1e8
   assert peak == max(result["matmul_peak_before_after_flops"])  # The best of before and after.
   assert result["ffn_matmul_flops"] > 1e8 and 0 <= result["peak_spread"] < 1
+  assert result["glibc_tunables"] == platforms.CPU_MALLOC_TUNABLES  # It restarted itself.
   for row in result["rows"]:
     cfg = ModelConfig(arch=row["arch"], num_layers=2, d_model=128, num_heads=2, num_kv_heads=1,
                       head_dim=64, d_ff=384, vocab_size=384, window=32, num_iterations=3)
