@@ -61,6 +61,7 @@ def test_train_step_v5p_fsdp(tmp_path, unroll_loops):
   assert report["bytes"]["optimizer_state"] < 2 * report["bytes"]["parameters"] + 1024
   assert report["fits"] and 0 < report["bytes"]["total"] < 2 ** 30
   assert report["bytes"]["temporaries"] > 0
+  assert report["bytes"]["host_temporaries"] == 0  # Nothing offloaded without remat=offload.
   # XLA counts each scanned layer once: compare on that basis (attention is XLA here).
   flops = report["flops"]
   assert flops["analytic"] == pytest.approx(accounting.train_flops_per_step(cfg, 128, 8))
@@ -96,6 +97,22 @@ def test_train_flops_basis():
   # Unrolled layer stacks count every layer; the T iterations still as above.
   once = aot.train_flops(cfg.replace(unroll_layers=True), 128, 8, 1)["analytic_loops_once"]
   assert once == pytest.approx(3 * 128 * 8 * sum(by_part.values()))
+
+
+def test_offload_reports_host_memory():
+  """remat=offload: the layer inputs kept for the backward pass are in host memory, not HBM."""
+  config = default.get_config()
+  config.model.update(num_layers=4, num_heads=2, num_kv_heads=1, head_dim=64, d_ff=384,
+                      vocab_size=256, window=32, num_iterations=2, attention_block_size=32,
+                      d_model=128, dtype="bfloat16", remat="offload")
+  config.data.seq_len = 128
+  config.train.batch_size = 8
+  mesh = aot.topology_mesh("v5p:2x2x1", {"data": 1, "fsdp": -1, "tensor": 1})
+  report = aot.compile_train(config, "v5p:2x2x1", mesh)
+  layer_input = 8 // 4 * 128 * 128 * 2  # One [rows, N, D] bfloat16 input per chip.
+  host = report.bytes["host_temporaries"]
+  assert report.fits and host > 0 and host % layer_input == 0
+  assert "host_temporaries" in aot.format_report(report)
 
 
 def test_decode_step_v4_kv_cache():

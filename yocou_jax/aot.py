@@ -190,6 +190,9 @@ def _memory(compiled) -> dict[str, int]:
   memory["outputs_not_aliased"] = memory["outputs"] - memory["aliased"]
   memory["total"] = (memory["arguments"] + memory["outputs_not_aliased"] + memory["temporaries"]
                      + code)
+  # Pinned host memory (remat="offload": the layer inputs kept for the backward pass); not HBM,
+  # so not in the total.
+  memory["host_temporaries"] = stats.host_temp_size_in_bytes
   return memory
 
 
@@ -418,8 +421,8 @@ def format_report(report: Report) -> str:
   lines = [f"== {report.mode} {report.arch} on {report.topology} ({report.num_devices} chips), "
            f"mesh {report.mesh}; compile {report.compile_seconds:.1f} s"]
   for key in ("parameters", "optimizer_state", "kv_cache", "inputs", "arguments", "temporaries",
-              "outputs_not_aliased", "generated_code", "total"):
-    if key in report.bytes:
+              "outputs_not_aliased", "generated_code", "total", "host_temporaries"):
+    if key in report.bytes and (key != "host_temporaries" or report.bytes[key]):
       lines.append(f"  {key:<22}{_gib(report.bytes[key]):>14} per device")
   lines.append(f"  HBM {report.topology.split(':')[0]:<18}{_gib(report.hbm_bytes):>14}: "
                f"{report.verdict()}")
