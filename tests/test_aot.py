@@ -146,6 +146,17 @@ def test_too_big_for_one_chip_exits_nonzero():
   assert "dominated by" in err
 
 
+def test_out_of_memory_message_figures():
+  """The HBM a step needs, read from the TPU compiler's two out-of-memory messages."""
+  gib = 2 ** 30
+  used = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+  assert aot._oom_bytes(used + "hbm. Used 120.5G of 95.74G hbm.", gib) == int(120.5 * gib)
+  temporaries = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                 "temporaries (116.15G) exceeds available HBM (95.74G).")
+  assert aot._oom_bytes(temporaries, 2 * gib) == int(116.15 * gib) + 2 * gib
+  assert aot._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory", gib) is None
+
+
 def test_bad_topology_and_mesh():
   with pytest.raises(ConfigError, match="topology"):
     aot.generation("v9x:2x2")
