@@ -16,10 +16,11 @@ Memory per chip on v5p:4x4x4 (that command with ``--config.train.microbatches=N
 
   microbatches  rows a chip  remat    temporaries  total       HBM (95 GiB)     host memory
   4             2            full      33.93 GiB    36.21 GiB  fits (38%)       -
-  4             2            dots     116.15        118.2      does not fit     -
+  4             2            dots     116.15        118.22     no (124%)        -
+  4             2            offload   11.29        13.70      fits (14%)       21.88 GiB
   2             4            full      55.61        57.88      fits (61%)       -
   2             4            offload   15.70        18.11      fits (19%)       43.75 GiB
-  1             8            full     103.00       105.27      does not fit     -
+  1             8            full     103.00       105.27      no (111%)        -
   1             8            offload   22.60        25.01      fits (26%)       87.50 GiB
 
 ``dots`` saves every matmul output of the 80 layer applications (20 self-decoder layers x T = 3
