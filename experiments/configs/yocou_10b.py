@@ -24,17 +24,17 @@ Memory per chip on v5p:4x4x4 (that command with ``--config.train.microbatches=N
   1             8            offload   22.60        25.01      fits (26%)       87.50 GiB
 
 ``dots`` saves every matmul output of the 80 layer applications (20 self-decoder layers x T = 3
-and 20 cross-decoder layers): the compiler needs 116 GiB of temporaries at 2 rows a chip, so 4 and
-8 rows were not compiled. Full remat keeps each application's input in HBM (6.25 GiB a row of
-8192 tokens) and its temporaries grow by 10.8 GiB a row (2 -> 4 rows: +21.7 GiB), so one pass
-of 8 rows needs 105 GiB. ``offload``
-keeps those inputs in pinned host memory instead (``host_temporaries`` in the report), which
-makes one pass fit HBM at 26% but holds 87.5 GiB of host memory per chip: 350 GiB on each 4-chip
-v5p host of 448 GB RAM (84%, more than one NUMA node's half), with that much sent to the host and
-back every step. So the config runs 2 microbatches with full remat: the fewest passes that fit
-with headroom on both the chips (61% of HBM) and the hosts (nothing offloaded), the same
-recompute as ``offload`` without its host traffic, and half the passes of before (each pass
-gathers every FSDP-sharded weight again). Hosts with the RAM to spare can run one pass with
+and 20 cross-decoder layers): the compiler needs 116 GiB of temporaries at 2 rows a chip, so 4
+and 8 rows were not compiled. Full remat keeps each application's input in HBM (6.25 GiB a row
+of 8192 tokens) and its temporaries grow by 10.8 GiB a row (2 -> 4 rows: +21.7 GiB), so one
+pass of 8 rows needs 105 GiB. ``offload`` keeps those inputs in pinned host memory instead
+(``host_temporaries`` in the report, 1.75x the 6.25 GiB a row of inputs), which makes one pass
+fit HBM at 26% but holds 87.5 GiB of host memory per chip: 350 GiB on each 4-chip v5p host of
+448 GB RAM (84%, more than one NUMA node's half), with that much sent to the host and back every
+step. So the config runs 2 microbatches with full remat: the fewest passes that fit with
+headroom on both the chips (61% of HBM) and the hosts (nothing offloaded), the same recompute as
+``offload`` without its host traffic, and half the passes of before (each pass gathers every
+FSDP-sharded weight again). Hosts with the RAM to spare can run one pass with
 ``--config.train.microbatches=1 --config.model.remat=offload``.
 """
 
