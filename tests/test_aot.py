@@ -61,6 +61,7 @@ def test_train_step_v5p_fsdp(tmp_path, unroll_loops):
   assert report["bytes"]["optimizer_state"] < 2 * report["bytes"]["parameters"] + 1024
   assert report["fits"] and 0 < report["bytes"]["total"] < 2 ** 30
   assert report["bytes"]["temporaries"] > 0
+  assert report["bytes"]["host_temporaries"] == 0  # Nothing offloaded without remat=offload.
   # XLA counts each scanned layer once: compare on that basis (attention is XLA here).
   flops = report["flops"]
   assert flops["analytic"] == pytest.approx(accounting.train_flops_per_step(cfg, 128, 8))
@@ -98,6 +99,22 @@ def test_train_flops_basis():
   assert once == pytest.approx(3 * 128 * 8 * sum(by_part.values()))
 
 
+def test_offload_reports_host_memory():
+  """remat=offload: the layer inputs kept for the backward pass are in host memory, not HBM."""
+  config = default.get_config()
+  config.model.update(num_layers=4, num_heads=2, num_kv_heads=1, head_dim=64, d_ff=384,
+                      vocab_size=256, window=32, num_iterations=2, attention_block_size=32,
+                      d_model=128, dtype="bfloat16", remat="offload")
+  config.data.seq_len = 128
+  config.train.batch_size = 8
+  mesh = aot.topology_mesh("v5p:2x2x1", {"data": 1, "fsdp": -1, "tensor": 1})
+  report = aot.compile_train(config, "v5p:2x2x1", mesh)
+  layer_input = 8 // 4 * 128 * 128 * 2  # One [rows, N, D] bfloat16 input per chip.
+  host = report.bytes["host_temporaries"]
+  assert report.fits and host > 0 and host % layer_input == 0
+  assert "host_temporaries" in aot.format_report(report)
+
+
 def test_decode_step_v4_kv_cache():
   """v4 (32 GiB chips): the compiled decode step's cache equals the planner's KV cache."""
   config = default.get_config()
@@ -127,6 +144,17 @@ def test_too_big_for_one_chip_exits_nonzero():
   err = run.stderr
   assert "does NOT fit" in err and "GiB over the 16 GiB HBM of v5e" in err
   assert "dominated by" in err
+
+
+def test_out_of_memory_message_figures():
+  """The HBM a step needs, read from the TPU compiler's two out-of-memory messages."""
+  gib = 2 ** 30
+  used = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+  assert aot._oom_bytes(used + "hbm. Used 120.5G of 95.74G hbm.", gib) == int(120.5 * gib)
+  temporaries = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                 "temporaries (116.15G) exceeds available HBM (95.74G).")
+  assert aot._oom_bytes(temporaries, 2 * gib) == int(116.15 * gib) + 2 * gib
+  assert aot._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory", gib) is None
 
 
 def test_bad_topology_and_mesh():

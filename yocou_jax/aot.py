@@ -190,6 +190,9 @@ def _memory(compiled) -> dict[str, int]:
   memory["outputs_not_aliased"] = memory["outputs"] - memory["aliased"]
   memory["total"] = (memory["arguments"] + memory["outputs_not_aliased"] + memory["temporaries"]
                      + code)
+  # Pinned host memory (remat="offload": the layer inputs kept for the backward pass); not HBM,
+  # so not in the total.
+  memory["host_temporaries"] = stats.host_temp_size_in_bytes
   return memory
 
 
@@ -197,13 +200,20 @@ _OOM = re.compile(r"(?:Ran out of memory|RESOURCE_EXHAUSTED)", re.IGNORECASE)
 _SIZE = re.compile(r"([\d.]+)([KMG])\b")
 
 
-def _oom_bytes(message: str) -> Optional[int]:
-  """The 'Used 120.5G of 95.7G hbm' figure of a TPU compiler out-of-memory error, if any."""
-  used = re.search(r"Used ([\d.]+)([KMG]) of ([\d.]+)([KMG]) hbm", message)
-  if not used:
-    return None
+def _oom_bytes(message: str, known: int) -> Optional[int]:
+  """The HBM a step needs per device from a TPU compiler out-of-memory error, if it says.
+
+  Either its 'Used 120.5G of 95.7G hbm' figure, or its 'required for HLO temporaries (116.15G)'
+  plus ``known`` (the bytes of the arguments it does not count).
+  """
   scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
-  return int(float(used.group(1)) * scale[used.group(2)])
+  used = re.search(r"Used ([\d.]+)([KMG]) of ([\d.]+)([KMG]) hbm", message)
+  if used:
+    return int(float(used.group(1)) * scale[used.group(2)])
+  temporaries = re.search(r"required for HLO temporaries \(([\d.]+)([KMG])\)", message)
+  if temporaries:
+    return int(float(temporaries.group(1)) * scale[temporaries.group(2)]) + known
+  return None
 
 
 def _compile(fn: Callable[[], Any]):
@@ -232,7 +242,7 @@ def _report(mode: str, cfg: ModelConfig, topology: str, mesh: Mesh, compiled, se
   hbm = HBM_BYTES[generation(topology)]
   num_devices = mesh.devices.size
   if compiled is None:
-    total = _oom_bytes(error or "") or hbm + 1
+    total = _oom_bytes(error or "", sum(known.values())) or hbm + 1
     memory = {**known, "temporaries": max(total - sum(known.values()), 0), "total": total}
   else:
     memory = _memory(compiled)
@@ -418,8 +428,8 @@ def format_report(report: Report) -> str:
   lines = [f"== {report.mode} {report.arch} on {report.topology} ({report.num_devices} chips), "
            f"mesh {report.mesh}; compile {report.compile_seconds:.1f} s"]
   for key in ("parameters", "optimizer_state", "kv_cache", "inputs", "arguments", "temporaries",
-              "outputs_not_aliased", "generated_code", "total"):
-    if key in report.bytes:
+              "outputs_not_aliased", "generated_code", "total", "host_temporaries"):
+    if key in report.bytes and (key != "host_temporaries" or report.bytes[key]):
       lines.append(f"  {key:<22}{_gib(report.bytes[key]):>14} per device")
   lines.append(f"  HBM {report.topology.split(':')[0]:<18}{_gib(report.hbm_bytes):>14}: "
                f"{report.verdict()}")
