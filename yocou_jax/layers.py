@@ -58,10 +58,10 @@ def _rope_tables(positions_BxN: Array, d: int, theta: float) -> tuple[Array, Arr
   """cos and sin of every position's D/2 RoPE angles, [B, N, 1, D/2] each, as one buffer.
 
   XLA's CPU backend fuses the sin and cos into each rotation that reads them and so evaluates
-  them once per head and per half of the head dim: four times the cost of the rotation of a
-  [4, 1024, 8, 64] query. A gather is never fused into its consumers, so the two tables are
-  read through one (of both rows of their [2, B, N, D/2] stack, in order): they are computed once,
-  and on every backend the gather costs one copy of B x N x D floats.
+  them once per head and per half of the head dim (four rotations of a [4, 1024, 8, 64] query:
+  46-51 ms, against 5-8 ms from tables). A gather is never fused into its consumers, so the two
+  tables are read through one (of both rows of their [2, B, N, D/2] stack, in order): they are
+  computed once, and on every backend the gather costs one copy of B x N x D floats.
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angles_BxNxF = positions_BxN.astype(jnp.float32)[..., None] * inv_freq
