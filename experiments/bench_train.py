@@ -270,12 +270,12 @@ def main(argv):
   print(f"shape: {result['shape']}")
   print(f"host allocator: GLIBC_TUNABLES={result['glibc_tunables'] or '(unset)'}")
   print(f"{'arch':<22}{'step s':>9}{'tokens/s':>11}{'GFLOP/step':>12}{'GFLOP/s':>10}{'MFU':>8}"
-        f"{'>=50%':>7}{'of FFN mm':>11}{'faults':>9}{'sys s':>7}")
+        f"{'>=50%':>7}{'of FFN mm':>11}{'faults':>11}{'sys s':>7}")
   for r in rows:
     print(f"{r['arch']:<22}{r['step_time_s']:>9.3f}{r['tokens_per_sec']:>11,.0f}"
           f"{r['train_flops_per_step'] / 1e9:>12,.1f}{r['flops_per_sec'] / 1e9:>10,.1f}"
           f"{100 * r['mfu']:>7.1f}%{'yes' if r['mfu'] >= 0.5 else 'NO':>7}"
-          f"{100 * r['mfu_of_ffn_matmul']:>10.1f}%{r['minor_faults_per_step']:>9,.0f}"
+          f"{100 * r['mfu_of_ffn_matmul']:>10.1f}%{r['minor_faults_per_step']:>11,.0f}"
           f"{r['system_s_per_step']:>7.2f}")
   for r in rows:
     if "op_breakdown" in r:
