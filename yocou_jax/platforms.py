@@ -17,6 +17,8 @@ runs with ``JAX_PLATFORMS=cpu``), and :func:`select` keeps that load quiet too.
 from __future__ import annotations
 
 import os
+import platform
+import sys
 
 import jax
 
@@ -76,12 +78,10 @@ def restart_with_cpu_malloc() -> None:
   ``glibc.malloc`` tunable (the user's own choice), or in the restarted process. Call it first
   thing in a CPU binary's ``__main__`` block, before any thread starts work.
   """
-  import sys  # pylint: disable=g-import-not-at-top
-
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if (os.environ.get(_RESTARTED) or "glibc.malloc." in tunables
-      or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+      or platform.libc_ver()[0] != "glibc"
       or (platforms and platforms != "cpu") or (not platforms and any(_accelerators()))):
     return
   env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, CPU_MALLOC_TUNABLES))))
